@@ -1,0 +1,20 @@
+"""Flower ClientApp entry point (``clients.app:app``): a message in, fedsim local work, a reply out."""
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from fedsim.flower.client import handle_evaluate, handle_train
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Local training of the virtual client named in the message."""
+    return handle_train(msg, context)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Client-side evaluation of the global model."""
+    return handle_evaluate(msg, context)

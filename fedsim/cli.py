@@ -1,0 +1,124 @@
+"""The ``fedsim`` command: ``run``, ``validate`` and ``report``.
+
+Exit codes: 0 success, 1 the run failed, 2 bad input (scenario, flags, paths), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from fedsim import __version__
+
+EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedsim", description="Federated learning and privacy simulation on Flower.")
+    p.add_argument("--version", action="version", version=f"fedsim {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="train the federation a scenario describes")
+    run.add_argument("scenario", help="path to a scenario YAML file")
+    run.add_argument("--out", help="run directory (default: output.dir, else runs/<name>-<timestamp>)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                     help="override a scenario value, e.g. --set federation.rounds=3 (repeatable)")
+    run.add_argument("--quiet", action="store_true", help="no progress output, only the final line")
+    run.add_argument("--overwrite", action="store_true", help="reuse a run directory that already holds a run")
+    val = sub.add_parser("validate", help="check scenario files without running them")
+    val.add_argument("scenario", nargs="+")
+    val.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+    rep = sub.add_parser("report", help="compare finished runs side by side")
+    rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    rep.add_argument("--plot", default="comparison.png", help="where to write the comparison plot")
+    rep.add_argument("--json", action="store_true", help="print the table as JSON")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``fedsim`` console script."""
+    args = _parser().parse_args(argv)
+    console = Console(stderr=True)
+    try:
+        return {"run": _run, "validate": _validate, "report": _report}[args.command](args, console)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/yellow]")
+        return EXIT_INTERRUPTED
+
+
+def _load(path: str, overrides: list[str], console: Console):
+    from fedsim.scenario import ScenarioError, load_scenario
+    try:
+        return load_scenario(path, overrides)
+    except ScenarioError as exc:
+        console.print(str(exc), highlight=False, markup=False)
+        return None
+
+
+def _validate(args: argparse.Namespace, console: Console) -> int:
+    bad = 0
+    for path in args.scenario:
+        scn = _load(path, args.overrides, console)
+        if scn is None:
+            bad += 1
+        else:
+            console.print(f"{path}: ok ({scn.name})", highlight=False)
+    return EXIT_USAGE if bad else 0
+
+
+def _out_dir(args: argparse.Namespace, scn) -> Path:
+    if args.out:
+        return Path(args.out)
+    if scn.output.dir:
+        return Path(scn.output.dir)
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{scn.name}-{stamp}"
+
+
+def _run(args: argparse.Namespace, console: Console) -> int:
+    from fedsim.data import DataUnavailableError
+    from fedsim.engine import run_scenario
+
+    scn = _load(args.scenario, args.overrides, console)
+    if scn is None:
+        return EXIT_USAGE
+    out = _out_dir(args, scn)
+    if (out / "metrics.jsonl").exists() and not args.overwrite:
+        console.print(f"{out} already holds a run; choose another --out or pass --overwrite", highlight=False)
+        return EXIT_USAGE
+    if args.overwrite:
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+    try:
+        summary = run_scenario(scn, out, progress="none" if args.quiet else "auto")
+    except DataUnavailableError as exc:
+        console.print(f"data set unavailable: {exc}", highlight=False, markup=False)
+        return EXIT_USAGE
+    acc = summary.get("final_accuracy")
+    acc_text = f"{100 * acc:.2f}%" if isinstance(acc, (int, float)) else "n/a"
+    print(f"{scn.name}: {summary.get('rounds_completed')} rounds, final accuracy {acc_text}, "
+          f"{summary.get('wall_s', 0):.1f}s -> {out}")
+    return 0
+
+
+def _report(args: argparse.Namespace, console: Console) -> int:
+    from fedsim.results import compare_runs, plot_comparison, render_table
+    try:
+        rows = compare_runs(args.run_dirs)
+    except (ValueError, OSError) as exc:
+        console.print(f"report: {exc}", highlight=False, markup=False)
+        return EXIT_USAGE
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        Console().print(render_table(rows))
+    path = plot_comparison(args.run_dirs, args.plot)
+    console.print(f"comparison plot: {path}", highlight=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

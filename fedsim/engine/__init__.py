@@ -1,0 +1,34 @@
+"""Engines: where a scenario's server and clients run. Flower is imported only when a run starts.
+
+Example:
+    >>> from fedsim.engine import ENGINES
+    >>> "inprocess" in ENGINES
+    True
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from fedsim.scenario import Scenario
+
+ENGINES = ("inprocess",)
+
+#: Set in every process fedsim starts (and in this one before Flower is imported).
+FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+              "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+
+
+def flower_env() -> dict[str, str]:
+    """The environment for Flower processes: telemetry, update checks and dependency installs off."""
+    return {**os.environ, **FLOWER_ENV}
+
+
+def run_scenario(scenario: Scenario, out_dir: str | Path, *, progress: str = "auto") -> dict:
+    """Run a validated scenario on its engine; returns ``summary.json``'s content."""
+    os.environ.update(FLOWER_ENV)
+    if scenario.engine.kind == "inprocess":
+        from fedsim.engine.inprocess import run
+        return run(scenario, Path(out_dir), progress=progress)
+    raise ValueError(f"engine '{scenario.engine.kind}' is not available in this version (available: {ENGINES})")

@@ -1,0 +1,105 @@
+"""A Federation: a validated scenario turned into data, a client partition and a model factory.
+
+Both sides build the same Federation from the same scenario: the server uses the test
+split, client sizes and the initial model; a client uses its own partition. Everything is
+a pure function of the scenario (and its seed), so every process agrees without talking.
+
+Example:
+    >>> from fedsim.scenario import parse_scenario
+    >>> fed = Federation(parse_scenario(
+    ...     "name: t\\ndata: {dataset: digits, partition: {kind: iid, num_clients: 4}}\\n"
+    ...     "model: {name: mlp}\\nfederation: {rounds: 1, clients_per_round: 2}\\n"))
+    >>> fed.num_clients, len(fed.sample_clients(1))
+    (4, 2)
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedsim.data import Dataset, load_dataset, make_partition, partition_stats
+from fedsim.models import build_model
+from fedsim.scenario import Scenario, config_sha256
+from fedsim.seeding import derive_seed, numpy_rng
+
+
+class Federation:
+    """Data, partition, cohort sampling and model construction for one scenario."""
+
+    def __init__(self, scenario: Scenario):
+        self.scenario = scenario
+        data = scenario.data
+        self.dataset: Dataset = load_dataset(data.dataset, root=data.root, cache_dir=data.cache_dir,
+                                             test_fraction=data.test_fraction, seed=scenario.seed, **data.options)
+        params = data.partition.model_dump(exclude={"kind", "num_clients"})
+        self.partition = make_partition(data.partition.kind, labels=self.dataset.y_train,
+                                        num_clients=data.partition.num_clients,
+                                        rng=numpy_rng(scenario.seed, "partition"),
+                                        ids=self.dataset.train_ids, **params)
+        self.num_clients = len(self.partition.indices)
+        self.client_sizes = [int(len(ix)) for ix in self.partition.indices]
+        self.cohort_size = self._cohort_size()
+
+    def _cohort_size(self) -> int:
+        fed = self.scenario.federation
+        if fed.clients_per_round is not None:
+            if fed.clients_per_round > self.num_clients:
+                raise ValueError(f"federation.clients_per_round ({fed.clients_per_round}) is more than the "
+                                 f"{self.num_clients} clients the partition produced")
+            return fed.clients_per_round
+        if fed.fraction is not None:
+            return max(1, math.ceil(fed.fraction * self.num_clients - 1e-9))
+        return self.num_clients
+
+    def stats(self) -> dict:
+        """The partition report written to ``partition.json``."""
+        out = partition_stats(self.partition, self.dataset.y_train, self.dataset.num_classes)
+        if self.dataset.id_names is not None and self.scenario.data.partition.kind == "natural":
+            out["natural_ids"] = [self.dataset.id_names[int(self.dataset.train_ids[ix[0]])] if len(ix) else None
+                                  for ix in self.partition.indices]
+        out["dataset"] = self.dataset.name
+        out["source"] = self.dataset.source
+        return out
+
+    def client_data(self, cid: int) -> tuple[np.ndarray, np.ndarray]:
+        """The training examples of virtual client ``cid``."""
+        if not 0 <= cid < self.num_clients:
+            raise IndexError(f"client id {cid} is outside 0..{self.num_clients - 1}")
+        idx = self.partition.indices[cid]
+        return self.dataset.x_train[idx], self.dataset.y_train[idx]
+
+    def sample_clients(self, server_round: int) -> list[int]:
+        """The round's cohort: uniform without replacement, a pure function of (seed, round)."""
+        rng = numpy_rng(self.scenario.seed, "sample", server_round)
+        return sorted(int(c) for c in rng.choice(self.num_clients, size=self.cohort_size, replace=False))
+
+    def build_model(self) -> nn.Module:
+        """A fresh model; its initial weights are a pure function of the scenario seed."""
+        model_cfg = self.scenario.model
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(self.scenario.seed, "model-init"))
+            return build_model(model_cfg.name, input_shape=self.dataset.input_shape,
+                               num_classes=self.dataset.num_classes, **model_cfg.options)
+
+    def initial_arrays(self) -> dict[str, np.ndarray]:
+        """The initial global model as named numpy arrays (``state_dict`` order)."""
+        return {k: v.detach().cpu().numpy().copy() for k, v in self.build_model().state_dict().items()}
+
+
+_CACHE: "OrderedDict[str, Federation]" = OrderedDict()
+
+
+def get_federation(scenario: Scenario) -> Federation:
+    """A per-process cache: a worker keeps data and partition warm across rounds and clients."""
+    key = config_sha256(scenario)
+    if key not in _CACHE:
+        _CACHE[key] = Federation(scenario)
+        while len(_CACHE) > 2:
+            _CACHE.popitem(last=False)
+    _CACHE.move_to_end(key)
+    return _CACHE[key]

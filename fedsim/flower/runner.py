@@ -1,0 +1,132 @@
+"""The server loop behind ``server/app.py``: rounds, evaluation, metrics, checkpoints, summary.
+
+Flower's ``Strategy.start`` has no progress, no per-round files and no checkpoints, so the
+ServerApp drives the same Strategy methods itself. It runs unchanged on any Grid: the
+in-process one, the worker pool, or a SuperLink.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.serverapp import Grid
+
+import fedsim
+from fedsim.federation import Federation, get_federation
+from fedsim.flower.codec import OUT_DIR_KEY, PROGRESS_KEY, from_record, scenario_from_config, to_record
+from fedsim.flower.strategy import FedsimStrategy
+from fedsim.progress import RoundProgress
+from fedsim.results import MetricsWriter, build_summary, plot_run, save_checkpoint, write_json
+from fedsim.scenario import Scenario, config_sha256, to_yaml
+from fedsim.train import evaluate
+
+
+def serve(grid: Grid, context: Context) -> dict:
+    """Run the whole federation described by the run config on ``grid``; returns the summary."""
+    scn = scenario_from_config(context.run_config)
+    out_dir = Path(str(context.run_config.get(OUT_DIR_KEY) or f"runs/{scn.name}"))
+    mode = str(context.run_config.get(PROGRESS_KEY, "auto"))
+    return ServerLoop(scn, out_dir, mode).run(grid)
+
+
+class ServerLoop:
+    """One run: owns the run directory while it trains."""
+
+    def __init__(self, scenario: Scenario, out_dir: Path, progress: str = "auto"):
+        self.scn, self.out = scenario, out_dir
+        self.fed: Federation = get_federation(scenario)
+        self.strategy = FedsimStrategy(self.fed)
+        self.progress_mode = progress
+        self.eval_model = self.fed.build_model()
+        self.totals = {"aggregate_s": 0.0}
+
+    def run(self, grid: Grid) -> dict:
+        """Train for ``federation.rounds`` rounds and write every result file."""
+        self._prepare()
+        arrays = self.fed.initial_arrays()
+        start = time.perf_counter()
+        rows: list[dict] = []
+        with MetricsWriter(self.out) as sink, RoundProgress(self.scn.federation.rounds, self.progress_mode) as bar:
+            bar.note(self._partition_line())
+            for rnd in range(1, self.scn.federation.rounds + 1):
+                arrays, row = self._round(grid, rnd, arrays, start)
+                sink.write(row)
+                rows.append(row)
+                bar.update(rnd, row)
+                self._maybe_checkpoint(rnd, arrays)
+        return self._finish(rows, arrays, time.perf_counter() - start)
+
+    def _prepare(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.yaml").write_text(to_yaml(self.scn), encoding="utf-8")
+        self.stats = self.fed.stats()
+        write_json(self.out / "partition.json", self.stats)
+
+    def _partition_line(self) -> str:
+        from fedsim.data import heterogeneity_line
+        return heterogeneity_line(self.stats)
+
+    def _round(self, grid: Grid, rnd: int, arrays: dict[str, np.ndarray], start: float) -> tuple[dict, dict]:
+        t0 = time.perf_counter()
+        st = self.strategy
+        msgs = list(st.configure_train(rnd, to_record(arrays), ConfigRecord(), grid))
+        replies = grid.send_and_receive(msgs, timeout=self.scn.federation.round_timeout_s)
+        new_rec, train_metrics = st.aggregate_train(rnd, replies)
+        if new_rec is not None:
+            arrays = from_record(new_rec)
+        self.totals["aggregate_s"] += st.round_log.get("aggregate_s", 0.0)
+        row: dict[str, Any] = {"round": rnd, **dict(train_metrics or {})}
+        row.update(bytes_down=st.round_log["bytes_down"], bytes_up=st.round_log["bytes_up"])
+        row.update(self._client_eval(grid, rnd, arrays))
+        row.update(self._server_eval(rnd, arrays))
+        if st.round_log.get("rejected"):
+            row["rejected_reasons"] = [f"client {c}: {r}" for c, r in st.round_log["rejected"]]
+        row.update(round_s=time.perf_counter() - t0, wall_s=time.perf_counter() - start)
+        return arrays, row
+
+    def _client_eval(self, grid: Grid, rnd: int, arrays: dict[str, np.ndarray]) -> dict:
+        msgs = list(self.strategy.configure_evaluate(rnd, to_record(arrays), ConfigRecord(), grid))
+        if not msgs:
+            return {}
+        replies = grid.send_and_receive(msgs, timeout=self.scn.federation.round_timeout_s)
+        return dict(self.strategy.aggregate_evaluate(rnd, replies) or {})
+
+    def _server_eval(self, rnd: int, arrays: dict[str, np.ndarray]) -> dict:
+        fed = self.scn.federation
+        if rnd % fed.eval_every and rnd != fed.rounds:
+            return {"eval_accuracy": None, "eval_loss": None}
+        self.eval_model.load_state_dict({k: torch.from_numpy(v) for k, v in arrays.items()})
+        ds = self.fed.dataset
+        out = evaluate(self.eval_model, ds.x_test, ds.y_test, batch_size=fed.eval_batch_size,
+                       device="cuda" if torch.cuda.is_available() else "cpu")
+        return {"eval_accuracy": out["accuracy"], "eval_loss": out["loss"]}
+
+    def _maybe_checkpoint(self, rnd: int, arrays: dict[str, np.ndarray]) -> None:
+        every = self.scn.output.checkpoint_every
+        if every and rnd % every == 0:
+            tensors = {f"model.{k}": torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
+            for key, values in self.strategy.opt_state.items():
+                tensors.update({f"server_opt.{key}.{i}": torch.from_numpy(np.asarray(v)) for i, v in enumerate(values)})
+            save_checkpoint(self.out / "checkpoints" / f"round-{rnd:05d}.safetensors", tensors, self._meta(rnd))
+
+    def _meta(self, rnd: int) -> dict[str, str]:
+        return {"round": str(rnd), "config_sha256": config_sha256(self.scn), "fedsim_version": fedsim.__version__,
+                "partition_fingerprint": self.stats["fingerprint"]}
+
+    def _finish(self, rows: list[dict], arrays: dict[str, np.ndarray], wall_s: float) -> dict:
+        tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
+        save_checkpoint(self.out / "model.safetensors", tensors, self._meta(len(rows)))
+        summary = build_summary(rows, name=self.scn.name, seed=self.scn.seed, config_sha256=config_sha256(self.scn),
+                                engine=self.scn.engine.kind, wall_s=wall_s, aggregate_s=self.totals["aggregate_s"],
+                                fedsim_version=fedsim.__version__,
+                                extra={"partition_fingerprint": self.stats["fingerprint"],
+                                       "num_clients": self.fed.num_clients, "clients_per_round": self.fed.cohort_size})
+        write_json(self.out / "summary.json", summary)
+        plot_run(self.out)
+        return summary
+

@@ -1,0 +1,74 @@
+"""Progress for long runs: a rich progress bar on a terminal, one log line per round elsewhere.
+
+Example:
+    >>> with RoundProgress(2, mode="none") as p:
+    ...     p.update(1, {"eval_accuracy": 0.5})
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+
+def _fmt(metrics: dict[str, Any]) -> str:
+    parts = []
+    for key, label, pct in (("eval_accuracy", "acc", True), ("eval_loss", "loss", False),
+                            ("train_loss", "train", False)):
+        v = metrics.get(key)
+        if isinstance(v, (int, float)) and v == v:
+            parts.append(f"{label} {100 * v:.1f}%" if pct else f"{label} {v:.3f}")
+    if "clients" in metrics:
+        parts.append(f"clients {metrics['clients']}")
+    if metrics.get("rejected"):
+        parts.append(f"[red]rejected {metrics['rejected']}[/red]")
+    return "  ".join(parts)
+
+
+class RoundProgress:
+    """Shows round k/R, live accuracy/loss, clients this round and the ETA.
+
+    ``mode``: ``rich`` (a live bar), ``log`` (a line per round, for files and CI), ``none``, or
+    ``auto`` (rich on a terminal, else log).
+    """
+
+    def __init__(self, rounds: int, mode: str = "auto", console: Console | None = None):
+        self.rounds = rounds
+        self.console = console or Console(stderr=True)
+        if mode == "auto":
+            mode = "rich" if sys.stderr.isatty() else "log"
+        self.mode = mode
+        self._bar: Progress | None = None
+        self._task: Any = None
+        self._start = time.perf_counter()
+
+    def __enter__(self) -> "RoundProgress":
+        if self.mode == "rich":
+            self._bar = Progress(TextColumn("round"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[info]}"),
+                                 TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=self.console)
+            self._bar.__enter__()
+            self._task = self._bar.add_task("rounds", total=self.rounds, info="")
+        return self
+
+    def note(self, text: str) -> None:
+        """A one-off line (partition summary, warnings)."""
+        if self.mode != "none":
+            self.console.print(text, highlight=False)
+
+    def update(self, server_round: int, metrics: dict[str, Any]) -> None:
+        """Record that ``server_round`` finished with ``metrics``."""
+        if self._bar is not None:
+            self._bar.update(self._task, completed=server_round, info=_fmt(metrics))
+        elif self.mode == "log":
+            elapsed = time.perf_counter() - self._start
+            eta = elapsed / server_round * (self.rounds - server_round)
+            self.console.print(f"round {server_round}/{self.rounds}  {_fmt(metrics)}  "
+                               f"elapsed {elapsed:.1f}s  ETA {eta:.1f}s", highlight=False)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(*exc)

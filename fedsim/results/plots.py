@@ -1,0 +1,154 @@
+"""PNG plots of a run (accuracy, losses, learning rates) and of several runs side by side.
+
+Figures are built with :class:`matplotlib.figure.Figure` on an explicit Agg canvas,
+never through ``pyplot``: no global figure registry, no backend switch, safe in
+worker threads and in a notebook that has its own backend.
+
+Example:
+    >>> plot_run("runs/quickstart")  # doctest: +SKIP
+    [PosixPath('runs/quickstart/plots/accuracy.png'), PosixPath('runs/quickstart/plots/loss.png')]
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from fedsim.results.metrics import read_metrics
+from fedsim.results.summary import read_json
+
+__all__ = ["plot_comparison", "plot_run", "run_name"]
+
+_DPI = 120
+_SIZE = (6.4, 4.0)
+
+
+def run_name(run_dir: str | Path) -> str:
+    """Returns the run's name from ``summary.json``, else the directory name.
+
+    ``config.yaml`` is not parsed here: the scenario schema is the only YAML reader.
+    """
+    run_dir = Path(run_dir)
+    try:
+        name = read_json(run_dir / "summary.json").get("name")
+    except (OSError, ValueError):
+        name = None
+    return str(name) if name else run_dir.resolve().name
+
+
+def _series(rows: Iterable[Mapping[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    """Returns ``(rounds, values)`` for the rows where ``key`` holds a finite number."""
+    xs: list[int] = []
+    ys: list[float] = []
+    for row in rows:
+        value = row.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            xs.append(int(row.get("round", len(xs) + 1)))
+            ys.append(float(value))
+    return xs, ys
+
+
+def _new_axes(title: str, ylabel: str) -> tuple[Figure, Axes]:
+    """Creates a figure on its own Agg canvas with one labelled axes."""
+    fig = Figure(figsize=_SIZE, dpi=_DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.set_title(title)
+    ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    return fig, ax
+
+
+def _draw(ax: Axes, rows: list[Mapping[str, Any]], keys: Iterable[str], labels: Iterable[str | None]) -> None:
+    """Plots one line per key that has data (with markers when the line is short)."""
+    for key, label in zip(keys, labels):
+        xs, ys = _series(rows, key)
+        if xs:
+            ax.plot(xs, ys, marker="o" if len(xs) <= 30 else None, markersize=3, label=label)
+
+
+def _save(fig: Figure, ax: Axes, path: Path) -> Path:
+    """Adds a legend when lines are labelled (or a 'no data' note when none) and writes the PNG."""
+    if ax.get_legend_handles_labels()[1]:
+        ax.legend()
+    if not ax.lines:
+        ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
+
+
+def _lr_keys(rows: Iterable[Mapping[str, Any]]) -> list[str]:
+    """Returns the ``lr_*`` keys that hold at least one number, in first-seen order."""
+    keys = dict.fromkeys(k for row in rows for k in row if k.startswith("lr_"))
+    return [k for k in keys if _series(rows, k)[0]]
+
+
+def plot_run(run_dir: str | Path) -> list[Path]:
+    """Writes the plots of one run under ``RUN_DIR/plots/``.
+
+    ``accuracy.png`` (eval accuracy vs round) and ``loss.png`` (train and eval loss
+    vs round) are always written; ``lr.png`` only when rows carry ``lr_*`` keys.
+    Rounds without a value (e.g. no evaluation) are skipped.
+
+    Args:
+        run_dir: A run directory with a ``metrics.jsonl``.
+
+    Returns:
+        The files written.
+    """
+    run_dir = Path(run_dir)
+    rows = read_metrics(run_dir)
+    name, out = run_name(run_dir), run_dir / "plots"
+    fig, ax = _new_axes(f"{name}: eval accuracy", "accuracy")
+    _draw(ax, rows, ["eval_accuracy"], [None])
+    written = [_save(fig, ax, out / "accuracy.png")]
+    fig, ax = _new_axes(f"{name}: loss", "loss")
+    _draw(ax, rows, ["train_loss", "eval_loss"], ["train", "eval"])
+    written.append(_save(fig, ax, out / "loss.png"))
+    lr_keys = _lr_keys(rows)
+    if lr_keys:
+        fig, ax = _new_axes(f"{name}: learning rate", "learning rate")
+        _draw(ax, rows, lr_keys, [k.removeprefix("lr_") for k in lr_keys])
+        written.append(_save(fig, ax, out / "lr.png"))
+    return written
+
+
+def _labels(run_dirs: list[Path]) -> list[str]:
+    """Run names for a legend; names shared by several runs get the directory appended."""
+    names = [run_name(d) for d in run_dirs]
+    counts = Counter(names)
+    return [n if counts[n] == 1 else f"{n} ({d.name})" for n, d in zip(names, run_dirs)]
+
+
+def plot_comparison(run_dirs: list[str | Path], out_path: str | Path) -> Path:
+    """Plots eval accuracy vs round for several runs on one figure.
+
+    Args:
+        run_dirs: Run directories, each with a ``metrics.jsonl``.
+        out_path: PNG file to write; its folder is created if missing.
+
+    Returns:
+        ``out_path`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        ValueError: If a directory has no ``metrics.jsonl`` (names the path).
+    """
+    dirs = [Path(d) for d in run_dirs]
+    missing = [str(d) for d in dirs if not (d / "metrics.jsonl").is_file()]
+    if missing:
+        raise ValueError(f"no metrics.jsonl in: {', '.join(missing)}")
+    fig, ax = _new_axes("eval accuracy by run", "accuracy")
+    for run_dir, label in zip(dirs, _labels(dirs)):
+        _draw(ax, read_metrics(run_dir), ["eval_accuracy"], [label])
+    return _save(fig, ax, Path(out_path))

@@ -1,0 +1,140 @@
+"""Side-by-side comparison of run directories, as rows and as a rich table.
+
+A finished run is read from its ``summary.json``; a crashed run (no summary) is
+rebuilt from whatever rounds reached ``metrics.jsonl`` and marked ``incomplete``.
+
+Example:
+    >>> from rich.console import Console
+    >>> Console().print(render_table(compare_runs(["runs/a", "runs/b"])))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from fedsim.results.metrics import JSONL_NAME, read_metrics
+from fedsim.results.summary import accuracy_figures, read_json
+
+__all__ = ["compare_runs", "format_bytes", "render_table"]
+
+SUMMARY_NAME = "summary.json"
+_FIELDS = (
+    "name", "engine", "final_accuracy", "best_accuracy", "best_round",
+    "rounds_completed", "wall_s", "bytes_up", "bytes_down",
+)  # fmt: skip
+_MISSING = "-"
+
+
+def _from_metrics(run_dir: Path) -> dict[str, Any]:
+    """Derives the comparison figures of a crashed run from its metrics rows."""
+    rows = read_metrics(run_dir)
+    figures = accuracy_figures(rows)
+    wall = [r["wall_s"] for r in rows if isinstance(r.get("wall_s"), (int, float))]
+    return {
+        **figures,
+        "name": run_dir.resolve().name,
+        "engine": None,
+        "wall_s": max(wall, default=None),  # wall_s is cumulative
+        "bytes_up": sum(r.get("bytes_up") or 0 for r in rows),
+        "bytes_down": sum(r.get("bytes_down") or 0 for r in rows),
+    }
+
+
+def _compare_one(run_dir: Path) -> dict[str, Any]:
+    """Returns one comparison row for a run directory."""
+    if (run_dir / SUMMARY_NAME).is_file():
+        source, status = read_json(run_dir / SUMMARY_NAME), "complete"
+    elif (run_dir / JSONL_NAME).is_file():
+        source, status = _from_metrics(run_dir), "incomplete"
+    else:
+        raise ValueError(f"{run_dir}: not a run directory (no {SUMMARY_NAME} or {JSONL_NAME})")
+    row: dict[str, Any] = {"run": run_dir.resolve().name}
+    row.update({key: source.get(key) for key in _FIELDS})
+    row["name"] = row["name"] or row["run"]
+    row["status"] = status
+    return row
+
+
+def compare_runs(run_dirs: list[str | Path]) -> list[dict[str, Any]]:
+    """Collects the headline figures of several runs.
+
+    Args:
+        run_dirs: Run directories, each with a ``summary.json`` or at least a
+            ``metrics.jsonl`` (a crashed run).
+
+    Returns:
+        One dict per run, in the given order, with ``run`` (directory name),
+        ``name``, ``engine``, ``final_accuracy``, ``best_accuracy``, ``best_round``,
+        ``rounds_completed``, ``wall_s``, ``bytes_up``, ``bytes_down`` and
+        ``status`` (``"complete"``, or ``"incomplete"`` when derived from metrics).
+
+    Raises:
+        ValueError: If a directory has neither file (the message names it).
+    """
+    return [_compare_one(Path(d)) for d in run_dirs]
+
+
+def format_bytes(n: float) -> str:
+    """Formats a byte count with binary units.
+
+    Example:
+        >>> format_bytes(512), format_bytes(1536), format_bytes(3 * 2**20)
+        ('512 B', '1.5 KiB', '3.0 MiB')
+    """
+    if abs(n) < 1024:
+        return f"{int(n)} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        n /= 1024
+        if abs(n) < 1024 or unit == "TiB":
+            break
+    return f"{n:.1f} {unit}"
+
+
+def _percent(value: Any) -> str:
+    return _MISSING if value is None else f"{100 * value:.2f}%"
+
+
+def _seconds(value: Any) -> str:
+    return _MISSING if value is None else f"{value:.1f} s"
+
+
+def _bytes(value: Any) -> str:
+    return _MISSING if value is None else format_bytes(value)
+
+
+def _plain(value: Any) -> str:
+    return _MISSING if value is None else str(value)
+
+
+_COLUMNS = (  # (header, key, formatter, justify)
+    ("run", "run", _plain, "left"),
+    ("name", "name", _plain, "left"),
+    ("engine", "engine", _plain, "left"),
+    ("status", "status", _plain, "left"),
+    ("final acc", "final_accuracy", _percent, "right"),
+    ("best acc", "best_accuracy", _percent, "right"),
+    ("best round", "best_round", _plain, "right"),
+    ("rounds", "rounds_completed", _plain, "right"),
+    ("wall", "wall_s", _seconds, "right"),
+    ("up", "bytes_up", _bytes, "right"),
+    ("down", "bytes_down", _bytes, "right"),
+)
+
+
+def render_table(rows: list[Mapping[str, Any]]) -> Table:
+    """Builds a rich table of :func:`compare_runs` rows in human units.
+
+    Accuracy is shown as a percentage, bytes as B/KiB/MiB/GiB, seconds with one
+    decimal; missing values as ``-``. Incomplete runs are dimmed.
+    """
+    table = Table(title="fedsim runs")
+    for header, _, _, justify in _COLUMNS:
+        table.add_column(header, justify=justify)
+    for row in rows:
+        cells = [fmt(row.get(key)) for _, key, fmt, _ in _COLUMNS]
+        table.add_row(*cells, style=None if row.get("status", "complete") == "complete" else "dim")
+    return table

@@ -1,0 +1,270 @@
+"""Read, override and validate a scenario; every problem is reported at once, with its YAML path.
+
+Example:
+    >>> scn = parse_scenario(
+    ...     "name: t\\ndata: {dataset: digits, partition: {kind: iid, num_clients: 4}}\\n"
+    ...     "model: {name: mlp}\\nfederation: {rounds: 1}\\n")
+    >>> scn.federation.local.epochs
+    1
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Iterable, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from fedsim.scenario.schema import UNION_TAGS, Scenario
+
+RESERVED_SECTIONS = ("lr_schedule", "privacy", "lora", "pruning")
+
+
+class ScenarioError(ValueError):
+    """A scenario that cannot run; ``problems`` lists every ``path: message``."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source, self.problems = source, problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{source}: {len(problems)} problem(s) in the scenario\n{lines}")
+
+
+def load_scenario(path: str | Path, overrides: Iterable[str] = ()) -> Scenario:
+    """Load a YAML scenario file, apply ``--set key.path=value`` overrides, and validate it."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ScenarioError(str(path), [f"cannot read the file: {exc.strerror or exc}"]) from None
+    return parse_scenario(text, source=str(path), overrides=overrides)
+
+
+def parse_scenario(text: str, source: str = "<scenario>", overrides: Iterable[str] = ()) -> Scenario:
+    """Validate scenario YAML text (plus overrides); raise ScenarioError listing every problem."""
+    raw = _safe_yaml(text, source)
+    if not isinstance(raw, dict):
+        raise ScenarioError(source, ["the file must be a mapping of sections (name:, data:, model:, ...)"])
+    problems, overridden = apply_overrides(raw, overrides)
+    return validate_dict(raw, source, problems, overridden)
+
+
+def _safe_yaml(text: str, source: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.constructor.ConstructorError as exc:
+        where = _mark(exc.problem_mark)
+        raise ScenarioError(source, [f"{where}unsupported YAML tag ({exc.problem}); fedsim reads plain YAML only"]) from None
+    except yaml.YAMLError as exc:
+        where = _mark(getattr(exc, "problem_mark", None))
+        reason = getattr(exc, "problem", None) or str(exc)
+        raise ScenarioError(source, [f"{where}YAML syntax error: {reason}"]) from None
+
+
+def _mark(mark: Any) -> str:
+    return f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+
+
+def apply_overrides(raw: dict, overrides: Iterable[str]) -> tuple[list[str], set[str]]:
+    """Apply ``key.path=value`` strings to ``raw`` in place; values are parsed as YAML scalars/lists."""
+    problems: list[str] = []
+    overridden: set[str] = set()
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            problems.append(f"--set {item}: expected key.path=value")
+            continue
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError:
+            parsed = value
+        parts = key.strip().split(".")
+        node = raw
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {} if node.get(part) is None else node[part]
+            if not isinstance(node[part], dict):
+                problems.append(f"--set {item}: '{part}' is not a section")
+                break
+            node = node[part]
+        else:
+            node[parts[-1]] = parsed
+            overridden.add(".".join(parts))
+    return problems, overridden
+
+
+def validate_dict(raw: dict, source: str = "<scenario>", problems: list[str] | None = None,
+                  overridden: set[str] = frozenset()) -> Scenario:
+    """Validate a raw mapping; schema errors and cross-section checks are collected together."""
+    problems = list(problems or [])
+    scn = None
+    try:
+        scn = Scenario.model_validate(raw)
+    except ValidationError as exc:
+        problems += [_format_error(err, raw, overridden) for err in exc.errors()]
+    if scn is not None:
+        problems += cross_check(scn)
+    if problems:
+        raise ScenarioError(source, sorted(dict.fromkeys(problems), key=_path_order))
+    return scn  # type: ignore[return-value]
+
+
+def _path_order(problem: str) -> tuple[int, str]:
+    return (0 if problem.startswith("--set") else 1, problem)
+
+
+def _format_error(err: dict, raw: dict, overridden: set[str]) -> str:
+    loc = _yaml_loc(tuple(err["loc"]))
+    path = ".".join(str(p) for p in loc) or "(top level)"
+    msg = _message(err, loc, raw)
+    suffix = " (from --set)" if path in overridden else ""
+    return f"{path}: {msg}{suffix}"
+
+
+def _yaml_loc(loc: tuple) -> tuple:
+    """Drop the union tags pydantic inserts into error locations (``data.partition.dirichlet.alpha``)."""
+    out: list = []
+    skip_next = False
+    for part in loc:
+        if skip_next:
+            skip_next = False
+            continue
+        out.append(part)
+        if tuple(out) in UNION_TAGS:
+            skip_next = True
+    return tuple(out)
+
+
+def _message(err: dict, loc: tuple, raw: dict) -> str:
+    kind, ctx = err["type"], err.get("ctx", {})
+    if loc and loc[0] in RESERVED_SECTIONS and len(loc) == 1:
+        return f"section '{loc[0]}' is reserved for a later fedsim version; remove it"
+    if kind == "extra_forbidden":
+        return _unknown_key(loc, raw)
+    if kind == "missing":
+        return "required key is missing"
+    if kind == "union_tag_invalid":
+        return f"unknown {ctx.get('discriminator', 'kind').strip(chr(39))} {ctx.get('tag')!r}; expected one of {ctx.get('expected_tags')}"
+    if kind == "union_tag_not_found":
+        return f"missing {ctx.get('discriminator', 'kind').strip(chr(39))}; expected one of the known kinds"
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        op = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}[kind]
+        bound = next(iter(ctx.values()))
+        return f"must be {op} {bound} (got {err.get('input')!r})"
+    msg = err["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    return f"{msg} (got {err.get('input')!r})" if kind not in ("value_error",) and "input" in err else msg
+
+
+def _unknown_key(loc: tuple, raw: dict) -> str:
+    known = _known_keys(loc[:-1], raw)
+    hint = difflib.get_close_matches(str(loc[-1]), known, n=1)
+    text = f"unknown key '{loc[-1]}'"
+    if hint:
+        return f"{text}; did you mean '{hint[0]}'?"
+    return f"{text}; known keys: {', '.join(known)}" if known else text
+
+
+def _known_keys(loc: tuple, raw: dict) -> list[str]:
+    """Field names of the section at ``loc`` (resolving discriminated unions from the raw input)."""
+    model: Any = Scenario
+    node: Any = raw
+    for part in loc:
+        node = node.get(part) if isinstance(node, dict) else None
+        ann = model.model_fields[part].annotation if part in getattr(model, "model_fields", {}) else None
+        model = _resolve(ann, node)
+        if model is None:
+            return []
+    return list(model.model_fields)
+
+
+def _resolve(ann: Any, node: Any) -> type[BaseModel] | None:
+    """The pydantic model class an annotation denotes for this raw node (picks a union member by tag)."""
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    members = [m for m in _flatten(ann) if isinstance(m, type) and issubclass(m, BaseModel)]
+    for member in members:
+        for tag_field in ("kind", "name"):
+            field = member.model_fields.get(tag_field)
+            if field is not None and isinstance(node, dict) and node.get(tag_field) in get_args(field.annotation):
+                return member
+    return members[0] if len(members) == 1 else None
+
+
+def _flatten(ann: Any) -> list:
+    args = get_args(ann)
+    if not args:
+        return [ann]
+    if get_origin(ann) is not None and str(get_origin(ann)).endswith("Annotated"):
+        return _flatten(args[0])
+    return [m for a in args for m in _flatten(a)]
+
+
+def cross_check(scn: Scenario) -> list[str]:
+    """Checks that span sections or need the data/model registries."""
+    from fedsim.data import dataset_names, dataset_options
+    from fedsim.models import model_names, model_options
+
+    problems: list[str] = []
+    data, fed = scn.data, scn.federation
+    if data.dataset not in dataset_names():
+        problems.append(_choice("data.dataset", data.dataset, dataset_names()))
+    else:
+        problems += _check_options("data.options", data.options, dataset_options(data.dataset), data.dataset)
+    if scn.model.name not in model_names():
+        problems.append(_choice("model.name", scn.model.name, model_names()))
+    else:
+        problems += _check_options("model.options", scn.model.options, model_options(scn.model.name), scn.model.name)
+    n = data.partition.num_clients
+    if n is not None and fed.clients_per_round is not None and fed.clients_per_round > n:
+        problems.append(f"federation.clients_per_round: {fed.clients_per_round} is more than "
+                        f"data.partition.num_clients ({n})")
+    return problems
+
+
+def _choice(path: str, value: str, known: list[str]) -> str:
+    hint = difflib.get_close_matches(value, known, n=1)
+    extra = f"; did you mean '{hint[0]}'?" if hint else ""
+    return f"{path}: unknown '{value}'{extra} (known: {', '.join(known)})"
+
+
+def _check_options(path: str, given: dict, accepted: dict, owner: str) -> list[str]:
+    out = []
+    for key, value in given.items():
+        if key not in accepted:
+            hint = difflib.get_close_matches(key, list(accepted), n=1)
+            extra = f"; did you mean '{hint[0]}'?" if hint else ""
+            out.append(f"{path}.{key}: not an option of '{owner}'{extra} (accepted: {', '.join(accepted) or 'none'})")
+        elif accepted[key] is not None and value is not None and not _same_kind(accepted[key], value):
+            out.append(f"{path}.{key}: expected {type(accepted[key]).__name__}, got {value!r}")
+    return out
+
+
+def _same_kind(default: Any, value: Any) -> bool:
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(default, bool) and isinstance(value, bool)
+    if isinstance(default, (int, float)):
+        return isinstance(value, (int, float)) and (isinstance(default, float) or isinstance(value, int))
+    if isinstance(default, (list, tuple)):
+        return isinstance(value, (list, tuple))
+    return isinstance(value, type(default))
+
+
+def resolved(scn: Scenario) -> dict:
+    """The fully resolved scenario as plain JSON-ready data (defaults filled in)."""
+    return scn.model_dump(mode="json")
+
+
+def config_sha256(scn: Scenario) -> str:
+    """Fingerprint of everything that changes results (the resolved scenario minus ``output``)."""
+    body = {k: v for k, v in resolved(scn).items() if k != "output"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def to_yaml(scn: Scenario) -> str:
+    """The resolved scenario as YAML (what ``config.yaml`` in a run directory holds)."""
+    return yaml.safe_dump(resolved(scn), sort_keys=False)

@@ -1,0 +1,184 @@
+"""The scenario schema: pydantic models for every section of a fedsim YAML file.
+
+This module knows the shape of a scenario; `fedsim.scenario.load` knows YAML.
+Sections reserved for later capabilities (``lr_schedule``, ``privacy``, ``lora``,
+``pruning``) are accepted only when absent or null.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegFloat = Annotated[float, Field(ge=0)]
+
+RESERVED_ENGINES = ("workers", "flower", "ray")
+
+
+class Section(BaseModel):
+    """Base of every section: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- data
+class IidPartition(Section):
+    kind: Literal["iid"]
+    num_clients: PositiveInt
+    min_size: PositiveInt = 1
+
+
+class DirichletPartition(Section):
+    kind: Literal["dirichlet"]
+    num_clients: PositiveInt
+    alpha: PositiveFloat = 0.5
+    min_size: PositiveInt = 1
+
+
+class ShardsPartition(Section):
+    kind: Literal["shards"]
+    num_clients: PositiveInt
+    classes_per_client: PositiveInt = 2
+    min_size: PositiveInt = 1
+
+
+class QuantityPartition(Section):
+    kind: Literal["quantity"]
+    num_clients: PositiveInt
+    distribution: Literal["lognormal", "powerlaw"] = "lognormal"
+    sigma: PositiveFloat = 1.0
+    exponent: Annotated[float, Field(gt=1)] = 1.5
+    min_size: PositiveInt = 1
+
+
+class NaturalPartition(Section):
+    kind: Literal["natural"]
+    num_clients: PositiveInt | None = None
+    min_size: PositiveInt = 1
+
+
+Partition = Annotated[
+    Union[IidPartition, DirichletPartition, ShardsPartition, QuantityPartition, NaturalPartition],
+    Field(discriminator="kind"),
+]
+
+
+class DataConfig(Section):
+    dataset: str
+    root: str | None = None
+    cache_dir: str | None = None
+    test_fraction: Annotated[float, Field(gt=0, lt=1)] | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+    partition: Partition
+
+
+# -------------------------------------------------------------------------- model
+class ModelConfig(Section):
+    name: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+# --------------------------------------------------------------------- federation
+class LocalConfig(Section):
+    epochs: PositiveInt | None = None
+    steps: PositiveInt | None = None
+    batch_size: PositiveInt = 32
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: PositiveFloat = 0.05
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    weight_decay: NonNegFloat = 0.0
+
+    @model_validator(mode="after")
+    def _epochs_or_steps(self) -> "LocalConfig":
+        if self.epochs is not None and self.steps is not None:
+            raise ValueError("give either epochs or steps, not both")
+        if self.epochs is None and self.steps is None:
+            self.__dict__["epochs"] = 1
+        return self
+
+
+class FederationConfig(Section):
+    rounds: PositiveInt
+    clients_per_round: PositiveInt | None = None
+    fraction: Annotated[float, Field(gt=0, le=1)] | None = None
+    eval_every: PositiveInt = 1
+    eval_batch_size: PositiveInt = 512
+    client_eval_every: Annotated[int, Field(ge=0)] = 0
+    round_timeout_s: PositiveFloat = 3600.0
+    local: LocalConfig = Field(default_factory=LocalConfig)
+
+    @model_validator(mode="after")
+    def _cohort(self) -> "FederationConfig":
+        if self.clients_per_round is not None and self.fraction is not None:
+            raise ValueError("give either clients_per_round or fraction, not both")
+        return self
+
+
+# ----------------------------------------------------------------------- strategy
+class FedAvg(Section):
+    name: Literal["fedavg"]
+    server_lr: PositiveFloat = 1.0
+
+
+class FedAvgM(Section):
+    name: Literal["fedavgm"]
+    server_lr: PositiveFloat = 1.0
+    server_momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+
+
+class FedAdam(Section):
+    name: Literal["fedadam"]
+    server_lr: PositiveFloat = 0.01
+    beta_1: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    beta_2: Annotated[float, Field(ge=0, lt=1)] = 0.99
+    tau: PositiveFloat = 1e-3
+
+
+class FedProx(Section):
+    name: Literal["fedprox"]
+    server_lr: PositiveFloat = 1.0
+    proximal_mu: NonNegFloat = 0.01
+
+
+Strategy = Annotated[Union[FedAvg, FedAvgM, FedAdam, FedProx], Field(discriminator="name")]
+
+
+# ------------------------------------------------------------------ engine/output
+class EngineConfig(Section):
+    kind: Literal["inprocess", "workers", "flower", "ray"] = "inprocess"
+
+    @model_validator(mode="after")
+    def _implemented(self) -> "EngineConfig":
+        if self.kind in RESERVED_ENGINES:
+            raise ValueError(f"engine '{self.kind}' is reserved but not available in this version; use 'inprocess'")
+        return self
+
+
+class OutputConfig(Section):
+    dir: str | None = None
+    checkpoint_every: Annotated[int, Field(ge=0)] = 0
+
+
+# ----------------------------------------------------------------------- scenario
+class Scenario(Section):
+    """A whole federation: what to train, on which data, split how, for how long."""
+
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")]
+    seed: Annotated[int, Field(ge=0)] = 0
+    data: DataConfig
+    model: ModelConfig
+    federation: FederationConfig
+    strategy: Strategy = Field(default_factory=lambda: FedAvg(name="fedavg"))
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    lr_schedule: None = None
+    privacy: None = None
+    lora: None = None
+    pruning: None = None
+
+
+#: Discriminated unions by location, used to map pydantic's error paths back to YAML paths.
+UNION_TAGS: dict[tuple[str, ...], str] = {("data", "partition"): "kind", ("strategy",): "name"}

@@ -1,0 +1,1 @@
+"""fedsim's Flower ServerApp package."""
