@@ -57,7 +57,7 @@ class RoundProgress:
     def note(self, text: str) -> None:
         """A one-off line (partition summary, warnings)."""
         if self.mode != "none":
-            self.console.print(text, highlight=False)
+            self.console.print(text, highlight=False, soft_wrap=True)
 
     def update(self, server_round: int, metrics: dict[str, Any]) -> None:
         """Record that ``server_round`` finished with ``metrics``."""
@@ -67,7 +67,7 @@ class RoundProgress:
             elapsed = time.perf_counter() - self._start
             eta = elapsed / server_round * (self.rounds - server_round)
             self.console.print(f"round {server_round}/{self.rounds}  {_fmt(metrics)}  "
-                               f"elapsed {elapsed:.1f}s  ETA {eta:.1f}s", highlight=False)
+                               f"elapsed {elapsed:.1f}s  ETA {eta:.1f}s", highlight=False, soft_wrap=True)
 
     def __exit__(self, *exc: Any) -> None:
         if self._bar is not None:

@@ -107,7 +107,7 @@ def _download(cache: Path) -> Path:
         target = cache / f"{stem}.gz"
         if target.is_file():
             continue
-        part = target.with_suffix(".gz.part")
+        part = cache / f"{stem}.part.gz"
         with urllib.request.urlopen(BASE_URL + target.name, timeout=DOWNLOAD_TIMEOUT_S) as r:
             part.write_bytes(r.read())
         try:

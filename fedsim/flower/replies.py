@@ -60,7 +60,9 @@ def check_reply(msg: Message, exp: Expectation, *, with_arrays: bool = True) -> 
         if nbytes > exp.max_bytes:
             raise ReplyError(f"reply is {nbytes} bytes, more than the {exp.max_bytes} allowed")
         metrics = _metrics(msg)
-        cid = _client_id(msg, metrics, exp)
+        claimed = metrics.get("client-id")
+        cid = claimed if isinstance(claimed, int) else None
+        _check_origin(msg, metrics, exp)
         arrays = _arrays(msg, exp) if with_arrays else []
         reported = metrics.get("num-examples")
         if not isinstance(reported, int) or reported <= 0:
@@ -79,7 +81,7 @@ def _metrics(msg: Message) -> dict:
     return dict(rec)
 
 
-def _client_id(msg: Message, metrics: dict, exp: Expectation) -> int:
+def _check_origin(msg: Message, metrics: dict, exp: Expectation) -> None:
     cid = metrics.get("client-id")
     if not isinstance(cid, int) or cid not in exp.node_of:
         raise ReplyError(f"client-id {cid!r} was not sampled this round")
@@ -89,7 +91,6 @@ def _client_id(msg: Message, metrics: dict, exp: Expectation) -> int:
         raise ReplyError(f"client {cid} replied from node {msg.metadata.src_node_id}, not {exp.node_of[cid]}")
     if metrics.get("server-round") != exp.server_round:
         raise ReplyError(f"reply is for round {metrics.get('server-round')!r}, not {exp.server_round}")
-    return cid
 
 
 def _arrays(msg: Message, exp: Expectation) -> list[np.ndarray]:
