@@ -93,7 +93,7 @@ def _speaker(line: str, pattern: re.Pattern[str], first: bool) -> str | None:
     if pattern is not _UPPER_DOT and not first:
         return None
     m = pattern.match(line)
-    name = " ".join(m.group(1).upper().split()) if m else ""
+    name = " ".join(m.group(1).upper().split()).rstrip(" .") if m else ""
     return name if name and not _ROMAN.fullmatch(name) else None
 
 
