@@ -183,12 +183,30 @@ def subsample(y: np.ndarray, k: int | None, seed: int) -> np.ndarray:
 
 def standardise_images(x_train: np.ndarray, x_test: np.ndarray,
                        scale: float) -> tuple[np.ndarray, np.ndarray]:
-    """Divide by ``scale`` (to [0, 1]), then standardise with the train mean/std."""
+    """Divide by ``scale`` (to [0, 1]), then standardise with the train mean/std.
+
+    For uint8 pixels the statistics come from the 256-bin histogram (exact, and
+    several times faster than float passes over 60k images).
+    """
+    if x_train.dtype == np.uint8:
+        hist = np.bincount(x_train.ravel(), minlength=256)
+        values = np.arange(256) / scale
+        mean = hist @ values / hist.sum()
+        std = float(np.sqrt(hist @ (values - mean) ** 2 / hist.sum())) or 1.0
+        a, b = 1.0 / (scale * std), -mean / std
+        return _affine(x_train, a, b), _affine(x_test, a, b)
     tr = x_train.astype(np.float32) / np.float32(scale)
     te = x_test.astype(np.float32) / np.float32(scale)
     mean, std = tr.mean(dtype=np.float64), tr.std(dtype=np.float64)
     std = std if std > 0 else 1.0
     return ((tr - mean) / std).astype(np.float32), ((te - mean) / std).astype(np.float32)
+
+
+def _affine(x: np.ndarray, a: float, b: float) -> np.ndarray:
+    out = x.astype(np.float32)
+    out *= np.float32(a)
+    out += np.float32(b)
+    return out
 
 
 def standardise_tabular(x_train: np.ndarray,

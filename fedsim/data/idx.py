@@ -73,7 +73,8 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     """Read an IDX file (``.gz`` or raw) into a numpy array.
 
     Example:
-        >>> read_idx("/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz").shape
+        >>> path = "/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz"
+        >>> read_idx(path).shape   # doctest: +SKIP
         (10000,)
     """
     try:
@@ -107,7 +108,7 @@ def _download(cache: Path) -> Path:
         target = cache / f"{stem}.gz"
         if target.is_file():
             continue
-        part = cache / f"{stem}.part.gz"
+        part = cache / f"{stem}.{os.getpid()}.part.gz"
         with urllib.request.urlopen(BASE_URL + target.name, timeout=DOWNLOAD_TIMEOUT_S) as r:
             part.write_bytes(r.read())
         try:
@@ -160,7 +161,8 @@ def load_fashion_mnist(*, name: str = "fashion_mnist", root: str | None = None,
         The data set (``source`` is the directory read).
     """
     d = _locate(root, Path(cache_dir) / "fashion-mnist", download)
-    arrays = {stem: _read_verified(_find(d, stem), stem) for stem in RAW_SHA256}  # type: ignore[arg-type]
+    arrays = {stem: _read_verified(path, stem)
+              for stem in RAW_SHA256 if (path := _find(d, stem)) is not None}
     xtr, ytr = arrays["train-images-idx3-ubyte"], arrays["train-labels-idx1-ubyte"]
     xte, yte = arrays["t10k-images-idx3-ubyte"], arrays["t10k-labels-idx1-ubyte"]
     ktr, kte = subsample(ytr, max_train, seed), subsample(yte, max_test, seed + 1)

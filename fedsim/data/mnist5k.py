@@ -7,7 +7,7 @@ directory holding ``mnist_5k.csv.gz`` is searched first.
 
 Example:
     >>> ds = load_dataset("mnist5k")   # doctest: +SKIP
-    >>> ds.input_shape
+    >>> ds.input_shape                 # doctest: +SKIP
     (1, 28, 28)
 """
 

@@ -12,8 +12,8 @@ Example:
     >>> p = dirichlet(labels, 8, alpha=0.5, rng=np.random.default_rng(0))
     >>> sum(len(i) for i in p.indices)
     500
-    >>> heterogeneity_line(partition_stats(p, labels, 10)).startswith("partition dirichlet: 8 clients")
-    True
+    >>> heterogeneity_line(partition_stats(p, labels, 10))[:32]
+    'partition dirichlet: 8 clients, '
 
 References:
     Dirichlet label skew: Hsu et al., arXiv 1909.06335. Shards: McMahan et al.,

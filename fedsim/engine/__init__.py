@@ -13,7 +13,7 @@ from pathlib import Path
 
 from fedsim.scenario import Scenario
 
-ENGINES = ("inprocess",)
+ENGINES = ("workers", "inprocess")
 
 #: Set in every process fedsim starts (and in this one before Flower is imported).
 FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
@@ -30,5 +30,8 @@ def run_scenario(scenario: Scenario, out_dir: str | Path, *, progress: str = "au
     os.environ.update(FLOWER_ENV)
     if scenario.engine.kind == "inprocess":
         from fedsim.engine.inprocess import run
+        return run(scenario, Path(out_dir), progress=progress)
+    if scenario.engine.kind == "workers":
+        from fedsim.engine.workers import run
         return run(scenario, Path(out_dir), progress=progress)
     raise ValueError(f"engine '{scenario.engine.kind}' is not available in this version (available: {ENGINES})")

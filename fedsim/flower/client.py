@@ -6,6 +6,7 @@ These are what ``clients/app.py`` registers on the ClientApp. The client never m
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -18,7 +19,9 @@ from fedsim.train import evaluate, local_train
 
 
 def client_device() -> torch.device:
-    """The device a client trains on: the first visible GPU when there is one, else the CPU."""
+    """The device a client trains on: the worker's (``FEDSIM_DEVICE``), else the first GPU, else the CPU."""
+    if os.environ.get("FEDSIM_DEVICE"):
+        return torch.device(os.environ["FEDSIM_DEVICE"])
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 

@@ -89,8 +89,13 @@ class InProcessGrid(Grid):
         return self.pull_messages(self.push_messages(messages))
 
 
+def run_server_app(server_app: ServerApp, grid: Grid, run_config: dict) -> None:
+    """Run a ServerApp in this process against ``grid`` (in-process nodes or the worker pool)."""
+    set_server_identity(run_id=1)
+    server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config)))
+
+
 def run_inprocess(server_app: ServerApp, client_app: ClientApp, num_nodes: int, run_config: dict) -> None:
     """Run a ServerApp against ``num_nodes`` in-process client nodes."""
     set_server_identity(run_id=1)
-    grid = InProcessGrid(client_app, num_nodes, run_config)
-    server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config)))
+    run_server_app(server_app, InProcessGrid(client_app, num_nodes, run_config), run_config)

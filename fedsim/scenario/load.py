@@ -19,7 +19,7 @@ from typing import Any, Iterable, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from fedsim.scenario.schema import UNION_TAGS, Scenario
+from fedsim.scenario.schema import UNION_TAGS, Scenario, either_or_message
 
 RESERVED_SECTIONS = ("lr_schedule", "privacy", "lora", "pruning")
 
@@ -105,8 +105,7 @@ def validate_dict(raw: dict, source: str = "<scenario>", problems: list[str] | N
         scn = Scenario.model_validate(raw)
     except ValidationError as exc:
         problems += [_format_error(err, raw, overridden) for err in exc.errors()]
-    if scn is not None:
-        problems += cross_check(scn)
+    problems += cross_check(raw)
     if problems:
         raise ScenarioError(source, sorted(dict.fromkeys(problems), key=_path_order))
     return scn  # type: ignore[return-value]
@@ -153,7 +152,7 @@ def _message(err: dict, loc: tuple, raw: dict) -> str:
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
         op = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}[kind]
         bound = next(iter(ctx.values()))
-        return f"must be {op} {bound} (got {err.get('input')!r})"
+        return f"must be {op} {bound:g} (got {err.get('input')!r})"
     msg = err["msg"]
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
@@ -204,26 +203,41 @@ def _flatten(ann: Any) -> list:
     return [m for a in args for m in _flatten(a)]
 
 
-def cross_check(scn: Scenario) -> list[str]:
-    """Checks that span sections or need the data/model registries."""
+def cross_check(raw: dict) -> list[str]:
+    """Checks that span sections or need the data/model registries.
+
+    They read the raw mapping defensively, so they report their findings even when other
+    parts of the file are invalid (one run of ``fedsim validate`` lists everything).
+    """
     from fedsim.data import dataset_names, dataset_options
     from fedsim.models import model_names, model_options
 
-    problems: list[str] = []
-    data, fed = scn.data, scn.federation
-    if data.dataset not in dataset_names():
-        problems.append(_choice("data.dataset", data.dataset, dataset_names()))
-    else:
-        problems += _check_options("data.options", data.options, dataset_options(data.dataset), data.dataset)
-    if scn.model.name not in model_names():
-        problems.append(_choice("model.name", scn.model.name, model_names()))
-    else:
-        problems += _check_options("model.options", scn.model.options, model_options(scn.model.name), scn.model.name)
-    n = data.partition.num_clients
-    if n is not None and fed.clients_per_round is not None and fed.clients_per_round > n:
-        problems.append(f"federation.clients_per_round: {fed.clients_per_round} is more than "
-                        f"data.partition.num_clients ({n})")
+    data, model, fed = (_section(raw, k) for k in ("data", "model", "federation"))
+    problems = _check_registry("data.dataset", data.get("dataset"), dataset_names(), dataset_options,
+                               "data.options", _section(data, "options"))
+    problems += _check_registry("model.name", model.get("name"), model_names(), model_options,
+                                "model.options", _section(model, "options"))
+    for path, node, a, b in (("federation", fed, "clients_per_round", "fraction"),
+                             ("federation.local", _section(fed, "local"), "epochs", "steps")):
+        if node.get(a) is not None and node.get(b) is not None:
+            problems.append(f"{path}: {either_or_message(a, b)}")
+    n, k = _section(data, "partition").get("num_clients"), fed.get("clients_per_round")
+    if isinstance(n, int) and isinstance(k, int) and not isinstance(k, bool) and 0 < n < k:
+        problems.append(f"federation.clients_per_round: {k} is more than data.partition.num_clients ({n})")
     return problems
+
+
+def _section(node: Any, key: str) -> dict:
+    value = node.get(key) if isinstance(node, dict) else None
+    return value if isinstance(value, dict) else {}
+
+
+def _check_registry(path: str, name: Any, known: list[str], options_of: Any, opt_path: str, given: dict) -> list[str]:
+    if not isinstance(name, str):
+        return []
+    if name not in known:
+        return [_choice(path, name, known)]
+    return _check_options(opt_path, given, options_of(name), name)
 
 
 def _choice(path: str, value: str, known: list[str]) -> str:
@@ -260,8 +274,9 @@ def resolved(scn: Scenario) -> dict:
 
 
 def config_sha256(scn: Scenario) -> str:
-    """Fingerprint of everything that changes results (the resolved scenario minus ``output``)."""
-    body = {k: v for k, v in resolved(scn).items() if k != "output"}
+    """Fingerprint of everything that changes results: the resolved scenario minus ``output`` and
+    ``engine`` (every engine must give the same model; the parity tests hold them to it)."""
+    body = {k: v for k, v in resolved(scn).items() if k not in ("output", "engine")}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 

@@ -15,7 +15,20 @@ PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegFloat = Annotated[float, Field(ge=0)]
 
-RESERVED_ENGINES = ("workers", "flower", "ray")
+RESERVED_ENGINES = ("flower", "ray")
+
+
+def _either_or(section: Any, a: str, b: str) -> Any:
+    """Reject a section (model or raw mapping) that sets both ``a`` and ``b``."""
+    get = section.get if isinstance(section, dict) else lambda k: getattr(section, k, None)
+    if get(a) is not None and get(b) is not None:
+        raise ValueError(either_or_message(a, b))
+    return section
+
+
+def either_or_message(a: str, b: str) -> str:
+    """The message for two keys that exclude each other."""
+    return f"give either {a} or {b}, not both"
 
 
 class Section(BaseModel):
@@ -93,8 +106,7 @@ class LocalConfig(Section):
 
     @model_validator(mode="after")
     def _epochs_or_steps(self) -> "LocalConfig":
-        if self.epochs is not None and self.steps is not None:
-            raise ValueError("give either epochs or steps, not both")
+        _either_or(self, "epochs", "steps")
         if self.epochs is None and self.steps is None:
             self.__dict__["epochs"] = 1
         return self
@@ -112,9 +124,7 @@ class FederationConfig(Section):
 
     @model_validator(mode="after")
     def _cohort(self) -> "FederationConfig":
-        if self.clients_per_round is not None and self.fraction is not None:
-            raise ValueError("give either clients_per_round or fraction, not both")
-        return self
+        return _either_or(self, "clients_per_round", "fraction")
 
 
 # ----------------------------------------------------------------------- strategy
@@ -148,12 +158,20 @@ Strategy = Annotated[Union[FedAvg, FedAvgM, FedAdam, FedProx], Field(discriminat
 
 # ------------------------------------------------------------------ engine/output
 class EngineConfig(Section):
-    kind: Literal["inprocess", "workers", "flower", "ray"] = "inprocess"
+    """Where the server and the clients run. Keys of other kinds are accepted and ignored, so
+    ``--set engine.kind=...`` switches engines without editing the file."""
+
+    kind: Literal["inprocess", "workers", "flower", "ray"] = "workers"
+    devices: Union[Literal["auto", "cpu"], list[Annotated[str, Field(pattern=r"^(cpu|cuda(:[0-9]+)?)$")]]] = "auto"
+    workers: PositiveInt | None = None
+    workers_per_device: PositiveInt = 1
+    start_timeout_s: PositiveFloat = 120.0
 
     @model_validator(mode="after")
     def _implemented(self) -> "EngineConfig":
         if self.kind in RESERVED_ENGINES:
-            raise ValueError(f"engine '{self.kind}' is reserved but not available in this version; use 'inprocess'")
+            raise ValueError(f"engine '{self.kind}' is reserved but not available in this version; "
+                             "use 'workers' or 'inprocess'")
         return self
 
 

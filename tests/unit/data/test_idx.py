@@ -124,7 +124,7 @@ def test_fashion_download_failures(tmp_path, monkeypatch, no_system_copy):
 @pytest.mark.data
 def test_fashion_mnist_debian_files():
     if not all((idxmod.DEBIAN_DIR / f"{s}.gz").is_file() for s in idxmod.RAW_SHA256):
-        pytest.skip("dataset-fashion-mnist not installed (sudo apt-get install dataset-fashion-mnist)")
+        pytest.skip("not installed: sudo apt-get install dataset-fashion-mnist")
     ds = load_dataset("fashion_mnist", download=False)
     assert ds.x_train.shape == (60000, 1, 28, 28) and ds.x_test.shape == (10000, 1, 28, 28)
     assert np.array_equal(np.bincount(ds.y_train), [6000] * 10)

@@ -123,7 +123,8 @@ def test_shards_caps_classes_per_client_at_number_of_classes():
 
 def test_quantity_sizes_are_skewed():
     for seed in range(3):
-        sizes = [len(i) for i in quantity(20000, 20, np.random.default_rng(seed), sigma=2.0).indices]
+        p = quantity(20000, 20, np.random.default_rng(seed), sigma=2.0)
+        sizes = [len(i) for i in p.indices]
         assert max(sizes) / min(sizes) > 20
     sizes = [len(i) for i in quantity(20000, 20, np.random.default_rng(0), sigma=0.0).indices]
     assert max(sizes) / min(sizes) < 1.2

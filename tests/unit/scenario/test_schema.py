@@ -21,7 +21,7 @@ def problems(text: str, overrides=()) -> list[str]:
 
 def test_valid_tiny_resolves_defaults(tiny_yaml):
     scn = parse_scenario(tiny_yaml)
-    assert scn.strategy.name == "fedavg" and scn.engine.kind == "inprocess"
+    assert scn.strategy.name == "fedavg" and scn.engine.kind == "workers"
     assert scn.federation.local.steps == 3 and scn.federation.local.epochs is None
     assert parse_scenario(to_yaml(scn)) == scn
     assert config_sha256(scn) == config_sha256(parse_scenario(tiny_yaml))
@@ -64,9 +64,9 @@ def test_yaml_syntax_and_python_tags_rejected():
 
 
 def test_reserved_sections_and_engines(tiny_yaml):
-    found = problems(tiny_yaml + "privacy: {epsilon: 1}\nengine: {kind: workers}\n")
+    found = problems(tiny_yaml + "privacy: {epsilon: 1}\nengine: {kind: ray}\n")
     assert any(p.startswith("privacy: section 'privacy' is reserved") for p in found), found
-    assert any(p.startswith("engine: engine 'workers' is reserved") for p in found), found
+    assert any(p.startswith("engine: engine 'ray' is reserved") for p in found), found
 
 
 def test_overrides(tiny_yaml):

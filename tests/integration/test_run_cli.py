@@ -1,4 +1,4 @@
-"""End to end: `fedsim run` on the quickstart scenario (3 rounds) writes every result file."""
+"""End to end: `fedsim run` on the quickstart scenario (3 rounds, default engine) writes every result file."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def test_every_result_file(quick_run):
     assert all(r["clients"] == 10 and r["bytes_up"] > 10 * 50_000 and r["bytes_down"] > 10 * 50_000 for r in rows)
     summary = json.loads((quick_run / "summary.json").read_text())
     assert SUMMARY_KEYS <= set(summary)
-    assert summary["rounds_completed"] == 3 and summary["engine"] == "inprocess"
+    assert summary["rounds_completed"] == 3 and summary["engine"] == "workers"   # the default engine
     assert summary["final_accuracy"] == rows[-1]["eval_accuracy"] > 0.3
     part = json.loads((quick_run / "partition.json").read_text())
     assert len(part["sizes"]) == 20 and sum(part["sizes"]) + part["dropped"] == 1437

@@ -1,0 +1,160 @@
+"""A persistent client worker: a gRPC server on 127.0.0.1 that runs the ClientApp for its nodes.
+
+Started by ``fedsim.engine.pool`` as ``python -m fedsim.flower.worker``. It keeps the
+model code, data and (on a GPU) the CUDA context warm across rounds, serves many
+virtual clients one message at a time, and keeps each node's ``context.state`` in a
+file under the run directory (mode 0600), so client state survives worker restarts.
+
+RPCs (raw bytes, no code generation, never pickle):
+- ``/fedsim.Worker/Configure``: JSON ``{"run_config": {...}, "state_dir": str, "run_id": int}``.
+- ``/fedsim.Worker/Handle``: a Flower ``Message`` protobuf in, the reply ``Message`` protobuf out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from concurrent import futures
+from pathlib import Path
+from types import MappingProxyType
+
+import grpc
+
+SERVICE = "fedsim.Worker"
+#: Run-config key naming the ClientApp a worker serves (``module:attribute``).
+CLIENT_APP_KEY = "fedsim.client-app"
+DEFAULT_CLIENT_APP = "clients.app:app"
+#: gRPC's default 4 MiB message cap is far too small for model weights.
+GRPC_OPTIONS = [("grpc.max_send_message_length", 1 << 30), ("grpc.max_receive_message_length", 1 << 30)]
+
+
+class WorkerService:
+    """Holds the run config, the ClientApp and one Context per node."""
+
+    def __init__(self) -> None:
+        self.run_config: dict = {}
+        self.state_dir: Path | None = None
+        self.run_id = 1
+        self.contexts: dict[int, object] = {}
+        self.client_app = None
+
+    def configure(self, request: bytes, _ctx: grpc.ServicerContext) -> bytes:
+        cfg = json.loads(request)
+        self.run_config, self.run_id = cfg["run_config"], int(cfg.get("run_id", 1))
+        self.state_dir = Path(cfg["state_dir"]) if cfg.get("state_dir") else None
+        self.client_app = load_client_app(str(self.run_config.get(CLIENT_APP_KEY, DEFAULT_CLIENT_APP)))
+        _warm_up(self.run_config)
+        return b"ok"
+
+    def handle(self, request: bytes, _ctx: grpc.ServicerContext) -> bytes:
+        from flwr.app import Error, Message
+        from flwr.common.serde import message_from_proto, message_to_proto
+        from flwr.proto.message_pb2 import Message as ProtoMessage
+
+        proto = ProtoMessage()
+        proto.ParseFromString(request)
+        msg = message_from_proto(proto)
+        context = self._context(msg.metadata.dst_node_id)
+        try:
+            reply = self.client_app(msg, context)  # type: ignore[misc]
+        except Exception as exc:  # becomes an error reply, like a crashing ClientApp in Flower's runtimes
+            reply = Message(Error(code=1, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
+        self._save_state(msg.metadata.dst_node_id, context)
+        return message_to_proto(reply).SerializeToString()
+
+    def _context(self, node_id: int):
+        from flwr.app import Context, RecordDict
+
+        if node_id not in self.contexts:
+            self.contexts[node_id] = Context(run_id=self.run_id, node_id=node_id, node_config={},
+                                             state=self._load_state(node_id) or RecordDict(),
+                                             run_config=MappingProxyType(self.run_config))  # type: ignore[arg-type]
+        return self.contexts[node_id]
+
+    def _state_path(self, node_id: int) -> Path | None:
+        return self.state_dir / f"node-{node_id}.pb" if self.state_dir else None
+
+    def _load_state(self, node_id: int):
+        from flwr.common.serde import recorddict_from_proto
+        from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
+
+        path = self._state_path(node_id)
+        if path is None or not path.exists():
+            return None
+        proto = ProtoRecordDict()
+        proto.ParseFromString(path.read_bytes())
+        return recorddict_from_proto(proto)
+
+    def _save_state(self, node_id: int, context) -> None:
+        from flwr.common.serde import recorddict_to_proto
+
+        path = self._state_path(node_id)
+        if path is None or not len(context.state):
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(recorddict_to_proto(context.state).SerializeToString())
+        os.replace(tmp, path)
+
+
+def load_client_app(ref: str):
+    """Import a ClientApp from ``module:attribute`` (default ``clients.app:app``)."""
+    module, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(module), attr or "app")
+
+
+def _warm_up(run_config: dict) -> None:
+    """Load data and partition, and pay torch's one-off optimizer import, before round 1."""
+    import torch
+
+    from fedsim.federation import get_federation
+    from fedsim.flower.codec import scenario_from_config
+
+    get_federation(scenario_from_config(run_config))
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0).zero_grad()
+
+
+def _watch_parent(parent_pid: int, server: grpc.Server) -> None:
+    """Exit when the server process that started us is gone (never outlive the run)."""
+    while True:
+        time.sleep(1.0)
+        if os.getppid() != parent_pid:
+            server.stop(grace=0)
+            return
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Serve until SIGTERM or until the parent process disappears."""
+    parser = argparse.ArgumentParser(prog="python -m fedsim.flower.worker")
+    parser.add_argument("--parent-pid", type=int, required=True)
+    args = parser.parse_args(argv)
+    import torch
+    torch.set_num_threads(1)
+    from fedsim.engine import FLOWER_ENV
+    os.environ.update(FLOWER_ENV)
+    service = WorkerService()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1), options=GRPC_OPTIONS)
+    handlers = {"Configure": grpc.unary_unary_rpc_method_handler(service.configure),
+                "Handle": grpc.unary_unary_rpc_method_handler(service.handle)}
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, handlers)])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    signal.signal(signal.SIGTERM, lambda *_: server.stop(grace=1))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # the server process decides when workers stop
+    threading.Thread(target=_watch_parent, args=(args.parent_pid, server), daemon=True).start()
+    from fedsim.engine.pool import PORT_PREFIX
+    print(f"{PORT_PREFIX}{port}", flush=True)
+    server.wait_for_termination()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""``engine: workers`` — a Flower Grid that dispatches messages to persistent worker processes over gRPC.
+
+Virtual client ``c`` is node ``NODE_ID_BASE + c`` and is always served by worker
+``c mod W``, so its state stays where it was. Workers run in parallel; each handles its
+messages one at a time. A worker that dies turns its pending messages into error replies
+(naming the clients and the end of its log), is restarted for the next round, and the
+round goes on with the replies it has.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterable
+
+import grpc
+from flwr.app import Error, Message, RecordDict
+from flwr.common.serde import message_from_proto, message_to_proto
+from flwr.proto.message_pb2 import Message as ProtoMessage
+from flwr.serverapp import Grid
+
+from fedsim.engine.pool import WorkerProcess, start_worker, stop_workers, wait_ready
+from fedsim.flower.compat import empty_run
+from fedsim.flower.inprocess import NODE_ID_BASE
+from fedsim.flower.worker import GRPC_OPTIONS, SERVICE
+
+#: Flower's ErrorCode.NODE_UNAVAILABLE.
+NODE_UNAVAILABLE = 3
+MAX_RESTARTS = 3
+
+
+class WorkerGrid(Grid):
+    """A Grid over W gRPC client workers serving ``num_nodes`` virtual nodes."""
+
+    def __init__(self, devices: list[str], num_nodes: int, run_config: dict, run_dir: Path, env: dict[str, str],
+                 start_timeout_s: float = 120.0):
+        self.devices, self.num_nodes = devices, num_nodes
+        self.run_config, self.run_dir, self.env = run_config, run_dir, env
+        self.start_timeout_s = start_timeout_s
+        self.workers: list[WorkerProcess] = []
+        self.channels: list[grpc.Channel | None] = []
+        self._replies: dict[str, Message] = {}
+        self._pool = ThreadPoolExecutor(max_workers=max(1, len(devices)), thread_name_prefix="fedsim-dispatch")
+        self._run = empty_run(1)
+        self.bytes_sent = self.bytes_received = 0
+
+    # ------------------------------------------------------------- lifecycle
+    def start(self) -> "WorkerGrid":
+        """Start every worker, wait until all listen, and send them the run config."""
+        self.workers = [start_worker(i, dev, self.run_dir / "logs", self.env) for i, dev in enumerate(self.devices)]
+        self.channels = [None] * len(self.workers)
+        wait_ready(self.workers, self.start_timeout_s)
+        list(self._pool.map(self._connect, range(len(self.workers))))   # workers load data in parallel
+        return self
+
+    def _connect(self, i: int) -> None:
+        channel = grpc.insecure_channel(self.workers[i].address, options=GRPC_OPTIONS)
+        grpc.channel_ready_future(channel).result(timeout=self.start_timeout_s)
+        body = json.dumps({"run_config": dict(self.run_config), "state_dir": str(self.run_dir / "client_state")})
+        channel.unary_unary(f"/{SERVICE}/Configure")(body.encode(), timeout=self.start_timeout_s)
+        self.channels[i] = channel
+
+    def _restart(self, i: int) -> None:
+        old = self.workers[i]
+        if old.restarts >= MAX_RESTARTS:
+            return
+        if self.channels[i] is not None:
+            self.channels[i].close()  # type: ignore[union-attr]
+        stop_workers([old])
+        new = start_worker(i, old.device, self.run_dir / "logs", self.env)
+        new.restarts = old.restarts + 1
+        self.workers[i] = new
+        wait_ready([new], self.start_timeout_s)
+        self._connect(i)
+
+    def close(self) -> None:
+        """Stop exactly the workers this grid started; close channels."""
+        for ch in self.channels:
+            if ch is not None:
+                ch.close()
+        stop_workers(self.workers)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def __enter__(self) -> "WorkerGrid":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ Grid
+    def set_run(self, run_id: int) -> None:  # type: ignore[override]
+        """Grid API: one run per grid."""
+
+    @property
+    def run(self):  # type: ignore[override]
+        """Grid API: the current run."""
+        return self._run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+                       ttl: float | None = None) -> Message:
+        """Grid API (deprecated in Flower): build a message."""
+        return Message(content, dst_node_id=dst_node_id, message_type=message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> list[int]:
+        """One node per virtual client."""
+        return [NODE_ID_BASE + c for c in range(self.num_nodes)]
+
+    def worker_of(self, node_id: int) -> int:
+        """The worker that always serves ``node_id``."""
+        return (node_id - NODE_ID_BASE) % len(self.workers)
+
+    def push_messages(self, messages: Iterable[Message], timeout: float | None = None) -> list[str]:
+        """Dispatch to the workers in parallel (each worker's messages in order); keep replies."""
+        by_worker: dict[int, list[Message]] = {}
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            by_worker.setdefault(self.worker_of(msg.metadata.dst_node_id), []).append(msg)
+            ids.append(msg.metadata.message_id)
+        deadline = time.monotonic() + (timeout or 3600.0)
+        for i in by_worker:
+            if not self.workers[i].alive():
+                self._restart(i)
+        jobs = [self._pool.submit(self._serve, i, msgs, deadline) for i, msgs in by_worker.items()]
+        for job in jobs:
+            for reply in job.result():
+                self._replies[reply.metadata.reply_to_message_id] = reply
+        return ids
+
+    def _serve(self, i: int, msgs: list[Message], deadline: float) -> list[Message]:
+        call = self.channels[i].unary_unary(f"/{SERVICE}/Handle")  # type: ignore[union-attr]
+        out = []
+        for k, msg in enumerate(msgs):
+            data = message_to_proto(msg).SerializeToString()
+            try:
+                raw = call(data, timeout=max(0.001, deadline - time.monotonic()))
+            except grpc.RpcError as exc:
+                return out + [self._failed(i, m, exc) for m in msgs[k:]]
+            proto = ProtoMessage()
+            proto.ParseFromString(raw)
+            self.bytes_sent += len(data)
+            self.bytes_received += len(raw)
+            out.append(message_from_proto(proto))
+        return out
+
+    def _failed(self, i: int, msg: Message, exc: grpc.RpcError) -> Message:
+        w = self.workers[i]
+        what = "timed out" if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED else (
+            "died" if not w.alive() else f"failed ({exc.code().name})")
+        reason = (f"worker {i} ({w.device}) {what} while serving node {msg.metadata.dst_node_id}; "
+                  f"log tail:\n{w.log_tail(8)}")
+        return Message(Error(code=NODE_UNAVAILABLE, reason=reason), reply_to=msg)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        """Replies to the given message ids (those that have arrived)."""
+        return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        """Push and wait for every reply (or its error) within ``timeout`` seconds."""
+        return self.pull_messages(self.push_messages(messages, timeout))
