@@ -9,11 +9,12 @@ Example:
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from fedsim.scenario import Scenario
 
-ENGINES = ("workers", "inprocess")
+ENGINES = ("workers", "inprocess", "flower")
 
 #: Set in every process fedsim starts (and in this one before Flower is imported).
 FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
@@ -21,8 +22,10 @@ FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
 
 
 def flower_env() -> dict[str, str]:
-    """The environment for Flower processes: telemetry, update checks and dependency installs off."""
-    return {**os.environ, **FLOWER_ENV}
+    """The environment for processes fedsim starts: Flower's telemetry, update checks and dependency
+    installs off, and this interpreter's ``bin`` first on PATH (Flower starts its helpers by name)."""
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    return {**os.environ, **FLOWER_ENV, "PATH": path}
 
 
 def run_scenario(scenario: Scenario, out_dir: str | Path, *, progress: str = "auto") -> dict:
@@ -33,5 +36,8 @@ def run_scenario(scenario: Scenario, out_dir: str | Path, *, progress: str = "au
         return run(scenario, Path(out_dir), progress=progress)
     if scenario.engine.kind == "workers":
         from fedsim.engine.workers import run
+        return run(scenario, Path(out_dir), progress=progress)
+    if scenario.engine.kind == "flower":
+        from fedsim.engine.flower import run
         return run(scenario, Path(out_dir), progress=progress)
     raise ValueError(f"engine '{scenario.engine.kind}' is not available in this version (available: {ENGINES})")

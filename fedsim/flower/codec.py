@@ -18,6 +18,9 @@ from fedsim.scenario import Scenario, validate_dict
 SCENARIO_KEY = "fedsim.scenario"
 OUT_DIR_KEY = "fedsim.out-dir"
 PROGRESS_KEY = "fedsim.progress"
+#: The server waits (bounded) until this many client nodes are connected before round 1.
+MIN_NODES_KEY = "fedsim.min-nodes"
+NODE_WAIT_KEY = "fedsim.node-wait-s"
 
 
 def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:

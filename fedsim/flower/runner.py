@@ -18,7 +18,8 @@ from flwr.serverapp import Grid
 
 import fedsim
 from fedsim.federation import Federation, get_federation
-from fedsim.flower.codec import OUT_DIR_KEY, PROGRESS_KEY, from_record, scenario_from_config, to_record
+from fedsim.flower.codec import (MIN_NODES_KEY, NODE_WAIT_KEY, OUT_DIR_KEY, PROGRESS_KEY, from_record,
+                                 scenario_from_config, to_record)
 from fedsim.flower.strategy import FedsimStrategy
 from fedsim.progress import RoundProgress
 from fedsim.results import MetricsWriter, build_summary, plot_run, save_checkpoint, write_json
@@ -31,7 +32,22 @@ def serve(grid: Grid, context: Context) -> dict:
     scn = scenario_from_config(context.run_config)
     out_dir = Path(str(context.run_config.get(OUT_DIR_KEY) or f"runs/{scn.name}"))
     mode = str(context.run_config.get(PROGRESS_KEY, "auto"))
+    wait_for_nodes(grid, int(context.run_config.get(MIN_NODES_KEY, 1)),
+                   float(context.run_config.get(NODE_WAIT_KEY, 120.0)))
     return ServerLoop(scn, out_dir, mode).run(grid)
+
+
+def wait_for_nodes(grid: Grid, count: int, timeout_s: float) -> None:
+    """Block until ``count`` client nodes are connected (bounded: a clear error after ``timeout_s``)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        have = len(list(grid.get_node_ids()))
+        if have >= count:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {have} of {count} client nodes connected within {timeout_s:.0f} s; "
+                               "check that the SuperNodes are running and can reach the SuperLink")
+        time.sleep(0.5)
 
 
 class ServerLoop:

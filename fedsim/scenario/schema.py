@@ -15,7 +15,7 @@ PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegFloat = Annotated[float, Field(ge=0)]
 
-RESERVED_ENGINES = ("flower", "ray")
+RESERVED_ENGINES = ("ray",)
 
 
 def _either_or(section: Any, a: str, b: str) -> Any:
@@ -166,12 +166,16 @@ class EngineConfig(Section):
     workers: PositiveInt | None = None
     workers_per_device: PositiveInt = 1
     start_timeout_s: PositiveFloat = 120.0
+    supernodes: PositiveInt = 2
+    superlink: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-\[\]:]+:[0-9]+$")] | None = None
+    root_certificates: str | None = None
+    run_timeout_s: PositiveFloat = 7200.0
 
     @model_validator(mode="after")
     def _implemented(self) -> "EngineConfig":
         if self.kind in RESERVED_ENGINES:
             raise ValueError(f"engine '{self.kind}' is reserved but not available in this version; "
-                             "use 'workers' or 'inprocess'")
+                             "use 'workers', 'inprocess' or 'flower'")
         return self
 
 

@@ -1,0 +1,168 @@
+"""``engine: flower`` — Flower's own deployment runtime (SuperLink + SuperNodes).
+
+Local mode (``engine: {kind: flower, supernodes: N}``): fedsim starts ``flower-superlink`` and
+N ``flower-supernode`` processes on free loopback ports, submits the run through the
+Control API, follows it, and stops exactly the processes it started. Remote mode
+(``engine.superlink: HOST:PORT``): submit to a running SuperLink (TLS with
+``engine.root_certificates``); the ServerApp then writes the run directory on that machine.
+
+Flower's deployment runtime starts a process per message and polls every few seconds:
+correct for real deployments, slow for simulation (use ``workers`` for that).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import ExitStack
+from pathlib import Path
+
+from fedsim.results import read_json
+from fedsim.scenario import Scenario
+
+
+class FlowerRunError(RuntimeError):
+    """The SuperLink reported the run as failed, or it did not finish in time."""
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (bound and released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _exe(name: str) -> str:
+    path = Path(sys.executable).with_name(name)
+    return str(path) if path.exists() else name
+
+
+class LocalFederation:
+    """A SuperLink and N SuperNodes on loopback, owned by this object (stopped by PID on exit)."""
+
+    def __init__(self, run_dir: Path, supernodes: int, env: dict[str, str], start_timeout_s: float = 120.0):
+        self.run_dir, self.supernodes, self.start_timeout_s = run_dir, supernodes, start_timeout_s
+        self.home = run_dir / "flwr"
+        self.env = {**env, "FLWR_HOME": str(self.home)}
+        self.port = free_port()
+        self.procs: list[subprocess.Popen] = []
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _spawn(self, name: str, args: list[str], log: str) -> None:
+        (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        with open(self.run_dir / "logs" / log, "ab") as fh:
+            self.procs.append(subprocess.Popen([_exe(name), *args], stdout=fh, stderr=subprocess.STDOUT,
+                                               stdin=subprocess.DEVNULL, env=self.env, start_new_session=True))
+
+    def __enter__(self) -> "LocalFederation":
+        self.home.mkdir(parents=True, exist_ok=True)
+        try:
+            self._spawn("flower-superlink", ["--insecure", "--host", "127.0.0.1", "--port", str(self.port),
+                                             "--isolation", "subprocess"], "superlink.log")
+            self._wait_health()
+            for k in range(self.supernodes):
+                self._spawn("flower-supernode", ["--insecure", "--superlink", self.address, "--port",
+                                                 str(free_port()), "--node-config",
+                                                 f"partition-id={k} num-partitions={self.supernodes}"],
+                            f"supernode-{k}.log")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_health(self) -> None:
+        deadline = time.monotonic() + self.start_timeout_s
+        while time.monotonic() < deadline:
+            if self.procs[0].poll() is not None:
+                raise FlowerRunError(f"flower-superlink exited ({self.procs[0].returncode}); "
+                                     f"see {self.run_dir / 'logs' / 'superlink.log'}")
+            try:
+                with urllib.request.urlopen(f"http://{self.address}/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.2)
+        raise FlowerRunError(f"flower-superlink not healthy within {self.start_timeout_s:.0f} s")
+
+    def stop(self) -> None:
+        """SIGTERM the process groups we started (SuperExec and app processes included), then SIGKILL."""
+        for p in self.procs:
+            _kill_group(p, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for p in self.procs:
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _kill_group(p, signal.SIGKILL)
+                p.wait(timeout=5)
+        for p in self.procs:
+            _kill_group(p, signal.SIGKILL)   # children left in the group (app processes)
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _kill_group(p: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(p.pid, sig)   # each was started in its own session: its group is ours alone
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def run(scenario: Scenario, out_dir: Path, *, progress: str = "auto") -> dict:
+    """Run ``scenario`` on Flower's deployment runtime; returns the summary (local mode)."""
+    from fedsim.engine import flower_env
+    from fedsim.flower import deployment
+    from fedsim.flower.codec import MIN_NODES_KEY, NODE_WAIT_KEY, OUT_DIR_KEY, PROGRESS_KEY, SCENARIO_KEY
+    from fedsim.flower.codec import scenario_to_config
+
+    eng = scenario.engine
+    out_dir = out_dir.resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run_config = {SCENARIO_KEY: scenario_to_config(scenario), OUT_DIR_KEY: str(out_dir), PROGRESS_KEY: "log",
+                  MIN_NODES_KEY: eng.supernodes if not eng.superlink else 1, NODE_WAIT_KEY: eng.start_timeout_s}
+    timeout = eng.run_timeout_s
+    with ExitStack() as stack:
+        if eng.superlink:
+            address, certs = eng.superlink, eng.root_certificates
+        else:
+            local = stack.enter_context(LocalFederation(out_dir, eng.supernodes, flower_env(), eng.start_timeout_s))
+            address, certs = local.address, None
+        os.environ.setdefault("FLWR_HOME", str(out_dir / "flwr"))
+        client = deployment.control_client(address, certs)
+        run_id = deployment.submit(client, run_config)
+        outcome = deployment.wait(client, run_id, timeout,
+                                  _tail_progress(out_dir, progress, scenario.federation.rounds))
+        log_text = deployment.logs(client, run_id)
+        (out_dir / "logs").mkdir(exist_ok=True)
+        (out_dir / "logs" / "serverapp.log").write_text(log_text)
+    if not outcome.ok:
+        raise FlowerRunError(f"Flower run {run_id} ended {outcome.status}:{outcome.sub_status} {outcome.details}\n"
+                             f"ServerApp log tail:\n{log_text[-2000:]}")
+    return read_json(out_dir / "summary.json")
+
+
+def _tail_progress(out_dir: Path, mode: str, rounds: int):
+    """Show rounds as the ServerApp appends them to metrics.jsonl (same machine in local mode)."""
+    from fedsim.progress import RoundProgress
+    from fedsim.results import read_metrics
+
+    seen = {"n": 0}
+    bar = RoundProgress(rounds, "none" if mode == "none" else "log")
+
+    def poll() -> None:
+        if not (out_dir / "metrics.jsonl").exists():
+            return
+        rows = read_metrics(out_dir)
+        for row in rows[seen["n"]:]:
+            bar.update(row["round"], row)
+        seen["n"] = len(rows)
+    return poll

@@ -1,0 +1,114 @@
+"""Submitting a fedsim run to a SuperLink: a code-free app bundle (FAB) through the Control API.
+
+The FAB holds only a generated ``pyproject.toml`` whose components point at the
+installed ``server.app:app`` and ``clients.app:app``, and whose run config carries the
+resolved scenario. ``flwr run`` is not used: it exits 0 even when a run failed, so fedsim
+polls the run status itself. Uses Flower internals listed in ``fedsim/flower/compat.py``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import tomli_w
+
+
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """How a submitted run ended: ``status`` (finished), ``sub_status`` (completed/failed/stopped)."""
+
+    run_id: int
+    status: str
+    sub_status: str
+    details: str
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "finished" and self.sub_status == "completed"
+
+
+def app_pyproject(run_config: dict) -> bytes:
+    """The generated app ``pyproject.toml``: components + the run config under fedsim's keys."""
+    def nest(flat: dict) -> dict:
+        out: dict = {}
+        for key, value in flat.items():
+            node = out
+            *parents, leaf = key.split(".")
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[leaf] = value
+        return out
+
+    doc = {"project": {"name": "fedsimrun", "version": "1.0.0", "description": "fedsim run (generated)",
+                       "license": "Apache-2.0", "dependencies": ["flwr>=1.41,<1.42"]},
+           "tool": {"flwr": {"app": {"publisher": "fedsim",
+                                     "components": {"serverapp": "server.app:app", "clientapp": "clients.app:app"},
+                                     "config": nest(run_config)}}}}
+    return tomli_w.dumps(doc).encode()
+
+
+def build_fab(run_config: dict) -> tuple[bytes, str]:
+    """The FAB bytes and their sha256 (what the SuperLink identifies the app by)."""
+    from flwr.cli.build import build_fab_from_files
+
+    fab_bytes, _ = build_fab_from_files({"pyproject.toml": app_pyproject(run_config)})
+    return fab_bytes, hashlib.sha256(fab_bytes).hexdigest()
+
+
+def control_client(address: str, root_certificates: str | None = None):
+    """A Control API client for ``address`` (insecure when no CA certificate is given)."""
+    from flwr.cli.typing import SuperLinkConnection
+    from flwr.cli.utils import init_http_client_from_connection
+
+    conn = SuperLinkConnection(name="fedsim", address=address, root_certificates=root_certificates,
+                               insecure=root_certificates is None)
+    return init_http_client_from_connection(conn)
+
+
+def submit(client, run_config: dict) -> int:
+    """Start a run of the code-free FAB; returns the run id."""
+    from flwr.common.serde import fab_to_proto, user_config_to_proto
+    from flwr.proto.control_pb2 import StartRunRequest
+    from flwr.supercore.fab import Fab
+
+    fab_bytes, digest = build_fab(run_config)
+    req = StartRunRequest(fab=fab_to_proto(Fab(digest, fab_bytes, {})), override_config=user_config_to_proto({}),
+                          federation="", app_spec="")
+    return int(client.StartRun(req).run_id)
+
+
+def wait(client, run_id: int, timeout_s: float, on_poll: Callable[[], None] = lambda: None,
+         interval_s: float = 1.0) -> RunOutcome:
+    """Poll the run status until it is finished (or ``timeout_s`` passes: status ``timeout``)."""
+    from flwr.proto.control_pb2 import ListRunsRequest
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = client.ListRuns(ListRunsRequest(run_id=run_id)).run_dict[run_id].status
+        on_poll()
+        if status.status == "finished":
+            return RunOutcome(run_id, status.status, status.sub_status, status.details)
+        time.sleep(interval_s)
+    return RunOutcome(run_id, "timeout", "", f"the run did not finish within {timeout_s:.0f} s")
+
+
+def logs(client, run_id: int) -> str:
+    """Everything the ServerApp logged (fetched once, after the run)."""
+    from flwr.proto.control_pb2 import StreamLogsRequest
+
+    parts = []
+    try:
+        for res in client.StreamLogs(StreamLogsRequest(run_id=run_id, after_timestamp=0.0)):
+            parts.append(res.log_output)
+            break
+    except Exception as exc:  # logs are a courtesy; the run status is what counts
+        parts.append(f"(could not fetch logs: {exc})")
+    return "".join(parts)
+
+
+
