@@ -71,9 +71,9 @@ def run_deploy(args: argparse.Namespace, console: Any) -> int:
     try:
         return handler(args, console)
     except (FileExistsError, ValueError) as exc:
-        _error(console, f"deploy {args.deploy_command}: {exc}")
+        _say(console, f"deploy {args.deploy_command}: {exc}")
     except OSError as exc:
-        _error(console, f"deploy {args.deploy_command}: {exc.filename or ''}: {exc.strerror or exc}")
+        _say(console, f"deploy {args.deploy_command}: {exc.filename or ''}: {exc.strerror or exc}")
     return EXIT_USAGE
 
 
@@ -92,7 +92,7 @@ def _certs(args: argparse.Namespace, console: Any) -> int:
     paths = make_certs(args.dir, hosts=args.hosts, days=args.days, overwrite=args.overwrite)
     for path in paths.values():
         print(path)
-    _note(console, f"copy {paths['ca_cert']} to every client machine and the submitting machine; "
+    _say(console, f"copy {paths['ca_cert']} to every client machine and the submitting machine; "
                    f"{paths['server_key'].name} and {paths['ca_key'].name} stay on this machine")
     return 0
 
@@ -102,7 +102,7 @@ def _node_key(args: argparse.Namespace, console: Any) -> int:
     private, public = make_node_key(args.path, overwrite=args.overwrite)
     print(private)
     print(public)
-    _note(console, f"register it once: flwr supernode register {public} <connection>")
+    _say(console, f"register it once: flwr supernode register {public} <connection>")
     return 0
 
 
@@ -111,7 +111,7 @@ def _commands(args: argparse.Namespace, console: Any) -> int:
     try:
         scenario = load_scenario(args.scenario, args.overrides)
     except ScenarioError as exc:
-        _error(console, str(exc))
+        _say(console, str(exc))
         return EXIT_USAGE
     hosts: dict[str, int] | None = None
     if args.clients:
@@ -127,9 +127,5 @@ def _commands(args: argparse.Namespace, console: Any) -> int:
     return 0
 
 
-def _error(console: Any, text: str) -> None:
-    console.print(text, highlight=False, markup=False)
-
-
-def _note(console: Any, text: str) -> None:
+def _say(console: Any, text: str) -> None:
     console.print(text, highlight=False, markup=False)

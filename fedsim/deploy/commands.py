@@ -85,6 +85,8 @@ def deploy_commands(scenario: Any, *, superlink_host: str, port: int = 9091, cer
         ValueError: a bad host name, port, GPU count, data directory or port clash.
     """
     _check_host(superlink_host, "superlink_host")
+    if not connection or not all(c.isalnum() or c in "-_" for c in connection):
+        raise ValueError(f"connection must be a name of letters, digits, '-' and '_', got {connection!r}")
     if not 1 <= int(port) <= 65535:
         raise ValueError(f"port must be in 1..65535, got {port}")
     machines = _machines(scenario, hosts)

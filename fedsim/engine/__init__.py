@@ -14,7 +14,7 @@ from pathlib import Path
 
 from fedsim.scenario import Scenario
 
-ENGINES = ("workers", "inprocess", "flower")
+ENGINES = ("workers", "inprocess", "flower", "ray")
 
 #: Set in every process fedsim starts (and in this one before Flower is imported).
 FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
@@ -37,7 +37,7 @@ def run_scenario(scenario: Scenario, out_dir: str | Path, *, progress: str = "au
     if scenario.engine.kind == "workers":
         from fedsim.engine.workers import run
         return run(scenario, Path(out_dir), progress=progress)
-    if scenario.engine.kind == "flower":
+    if scenario.engine.kind in ("flower", "ray"):
         from fedsim.engine.flower import run
         return run(scenario, Path(out_dir), progress=progress)
     raise ValueError(f"engine '{scenario.engine.kind}' is not available in this version (available: {ENGINES})")

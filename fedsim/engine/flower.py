@@ -1,4 +1,5 @@
-"""``engine: flower`` — Flower's own deployment runtime (SuperLink + SuperNodes).
+"""``engine: flower`` — Flower's own deployment runtime (SuperLink + SuperNodes); ``engine: ray`` — its
+simulation runtime (a ``--simulation`` SuperLink of fedsim's own on a free port; needs ``fedsim[ray]``).
 
 Local mode (``engine: {kind: flower, supernodes: N}``): fedsim starts ``flower-superlink`` and
 N ``flower-supernode`` processes on free loopback ports, submits the run through the
@@ -45,8 +46,10 @@ def _exe(name: str) -> str:
 class LocalFederation:
     """A SuperLink and N SuperNodes on loopback, owned by this object (stopped by PID on exit)."""
 
-    def __init__(self, run_dir: Path, supernodes: int, env: dict[str, str], start_timeout_s: float = 120.0):
+    def __init__(self, run_dir: Path, supernodes: int, env: dict[str, str], start_timeout_s: float = 120.0,
+                 simulation: bool = False):
         self.run_dir, self.supernodes, self.start_timeout_s = run_dir, supernodes, start_timeout_s
+        self.simulation = simulation
         self.home = run_dir / "flwr"
         self.env = {**env, "FLWR_HOME": str(self.home)}
         self.port = free_port()
@@ -65,10 +68,11 @@ class LocalFederation:
     def __enter__(self) -> "LocalFederation":
         self.home.mkdir(parents=True, exist_ok=True)
         try:
+            mode = ["--simulation", "--database", str(self.home / "state.db")] if self.simulation else []
             self._spawn("flower-superlink", ["--insecure", "--host", "127.0.0.1", "--port", str(self.port),
-                                             "--isolation", "subprocess"], "superlink.log")
+                                             "--isolation", "subprocess", *mode], "superlink.log")
             self._wait_health()
-            for k in range(self.supernodes):
+            for k in range(0 if self.simulation else self.supernodes):
                 self._spawn("flower-supernode", ["--insecure", "--superlink", self.address, "--port",
                                                  str(free_port()), "--node-config",
                                                  f"partition-id={k} num-partitions={self.supernodes}"],
@@ -118,28 +122,33 @@ def _kill_group(p: subprocess.Popen, sig: int) -> None:
 
 
 def run(scenario: Scenario, out_dir: Path, *, progress: str = "auto") -> dict:
-    """Run ``scenario`` on Flower's deployment runtime; returns the summary (local mode)."""
+    """Run ``scenario`` on Flower's deployment runtime (``flower``) or simulation runtime (``ray``)."""
     from fedsim.engine import flower_env
     from fedsim.flower import deployment
     from fedsim.flower.codec import MIN_NODES_KEY, NODE_WAIT_KEY, OUT_DIR_KEY, PROGRESS_KEY, SCENARIO_KEY
     from fedsim.flower.codec import scenario_to_config
 
-    eng = scenario.engine
+    eng, ray = scenario.engine, scenario.engine.kind == "ray"
+    if ray:
+        _require_ray()
     out_dir = out_dir.resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
+    nodes = _ray_nodes(scenario) if ray else (eng.supernodes if not eng.superlink else 1)
     run_config = {SCENARIO_KEY: scenario_to_config(scenario), OUT_DIR_KEY: str(out_dir), PROGRESS_KEY: "log",
-                  MIN_NODES_KEY: eng.supernodes if not eng.superlink else 1, NODE_WAIT_KEY: eng.start_timeout_s}
-    timeout = eng.run_timeout_s
+                  MIN_NODES_KEY: nodes, NODE_WAIT_KEY: eng.start_timeout_s}
     with ExitStack() as stack:
-        if eng.superlink:
+        if eng.superlink and not ray:
             address, certs = eng.superlink, eng.root_certificates
         else:
-            local = stack.enter_context(LocalFederation(out_dir, eng.supernodes, flower_env(), eng.start_timeout_s))
+            local = stack.enter_context(LocalFederation(out_dir, eng.supernodes, flower_env(), eng.start_timeout_s,
+                                                        simulation=ray))
             address, certs = local.address, None
         os.environ.setdefault("FLWR_HOME", str(out_dir / "flwr"))
         client = deployment.control_client(address, certs)
-        run_id = deployment.submit(client, run_config)
-        outcome = deployment.wait(client, run_id, timeout,
+        sim = {"num_supernodes": nodes, "client_resources_num_cpus": eng.client_cpus,
+               "client_resources_num_gpus": eng.client_gpus} if ray else None
+        run_id = deployment.submit(client, run_config, simulation=sim)
+        outcome = deployment.wait(client, run_id, eng.run_timeout_s,
                                   _tail_progress(out_dir, progress, scenario.federation.rounds))
         log_text = deployment.logs(client, run_id)
         (out_dir / "logs").mkdir(exist_ok=True)
@@ -148,6 +157,17 @@ def run(scenario: Scenario, out_dir: Path, *, progress: str = "auto") -> dict:
         raise FlowerRunError(f"Flower run {run_id} ended {outcome.status}:{outcome.sub_status} {outcome.details}\n"
                              f"ServerApp log tail:\n{log_text[-2000:]}")
     return read_json(out_dir / "summary.json")
+
+
+def _require_ray() -> None:
+    import importlib.util
+    if importlib.util.find_spec("ray") is None:
+        raise FlowerRunError("engine 'ray' needs Flower's simulation extra: pip install -c constraints.txt -e '.[ray]'")
+
+
+def _ray_nodes(scenario: Scenario) -> int:
+    from fedsim.federation import get_federation
+    return get_federation(scenario).num_clients
 
 
 def _tail_progress(out_dir: Path, mode: str, rounds: int):

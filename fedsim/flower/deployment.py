@@ -70,15 +70,21 @@ def control_client(address: str, root_certificates: str | None = None):
     return init_http_client_from_connection(conn)
 
 
-def submit(client, run_config: dict) -> int:
-    """Start a run of the code-free FAB; returns the run id."""
+def submit(client, run_config: dict, simulation: dict | None = None) -> int:
+    """Start a run of the code-free FAB; returns the run id.
+
+    ``simulation`` (a simulation SuperLink only): ``num_supernodes`` and client resources.
+    """
     from flwr.common.serde import fab_to_proto, user_config_to_proto
     from flwr.proto.control_pb2 import StartRunRequest
     from flwr.supercore.fab import Fab
+    from flwr.supercore.utils import simulation_config_from_json
 
     fab_bytes, digest = build_fab(run_config)
     req = StartRunRequest(fab=fab_to_proto(Fab(digest, fab_bytes, {})), override_config=user_config_to_proto({}),
                           federation="", app_spec="")
+    if simulation:
+        req.override_federation_config.CopyFrom(simulation_config_from_json(simulation))
     return int(client.StartRun(req).run_id)
 
 

@@ -15,7 +15,6 @@ PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegFloat = Annotated[float, Field(ge=0)]
 
-RESERVED_ENGINES = ("ray",)
 
 
 def _either_or(section: Any, a: str, b: str) -> Any:
@@ -170,13 +169,8 @@ class EngineConfig(Section):
     superlink: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-\[\]:]+:[0-9]+$")] | None = None
     root_certificates: str | None = None
     run_timeout_s: PositiveFloat = 7200.0
-
-    @model_validator(mode="after")
-    def _implemented(self) -> "EngineConfig":
-        if self.kind in RESERVED_ENGINES:
-            raise ValueError(f"engine '{self.kind}' is reserved but not available in this version; "
-                             "use 'workers', 'inprocess' or 'flower'")
-        return self
+    client_cpus: PositiveFloat = 1.0
+    client_gpus: NonNegFloat = 0.0
 
 
 class OutputConfig(Section):
