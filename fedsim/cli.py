@@ -29,6 +29,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="override a scenario value, e.g. --set federation.rounds=3 (repeatable)")
     run.add_argument("--quiet", action="store_true", help="no progress output, only the final line")
     run.add_argument("--overwrite", action="store_true", help="reuse a run directory that already holds a run")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the run in --out from its latest checkpoint (the same scenario only)")
     val = sub.add_parser("validate", help="check scenario files without running them")
     val.add_argument("scenario", nargs="+")
     val.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
@@ -82,21 +84,28 @@ def _out_dir(args: argparse.Namespace, scn) -> Path:
 def _run(args: argparse.Namespace, console: Console) -> int:
     from fedsim.data import DataUnavailableError
     from fedsim.engine import run_scenario
+    from fedsim.errors import RunError
 
     scn = _load(args.scenario, args.overrides, console)
     if scn is None:
         return EXIT_USAGE
     out = _out_dir(args, scn)
-    if (out / "metrics.jsonl").exists() and not args.overwrite:
+    if args.resume and not args.out and not scn.output.dir:
+        console.print("--resume needs the run directory: pass --out DIR", highlight=False)
+        return EXIT_USAGE
+    if (out / "metrics.jsonl").exists() and not (args.overwrite or args.resume):
         console.print(f"{out} already holds a run; choose another --out or pass --overwrite", highlight=False)
         return EXIT_USAGE
     if args.overwrite:
         (out / "metrics.jsonl").unlink(missing_ok=True)
     try:
-        summary = run_scenario(scn, out, progress="none" if args.quiet else "auto")
+        summary = run_scenario(scn, out, progress="none" if args.quiet else "auto", resume=args.resume)
     except DataUnavailableError as exc:
         console.print(f"data set unavailable: {exc}", highlight=False, markup=False)
         return EXIT_USAGE
+    except RunError as exc:
+        console.print(f"run failed: {exc}", highlight=False, markup=False)
+        return EXIT_FAILED
     acc = summary.get("final_accuracy")
     acc_text = f"{100 * acc:.2f}%" if isinstance(acc, (int, float)) else "n/a"
     print(f"{scn.name}: {summary.get('rounds_completed')} rounds, final accuracy {acc_text}, "

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedsim.algorithms import fedhyper
+from fedsim.algorithms.aggregate import ServerOptimizer, server_optimizer
 from fedsim.data import Dataset, load_dataset, make_partition, partition_stats
 from fedsim.models import build_model
 from fedsim.scenario import Scenario, config_sha256
@@ -85,6 +87,31 @@ class Federation:
             torch.manual_seed(derive_seed(self.scenario.seed, "model-init"))
             return build_model(model_cfg.name, input_shape=self.dataset.input_shape,
                                num_classes=self.dataset.num_classes, **model_cfg.options)
+
+    def trainable_mask(self) -> list[bool]:
+        """Per ``state_dict`` entry: a trained parameter (True) or a buffer (False)."""
+        model = self.build_model()
+        params = {name for name, p in model.named_parameters() if p.requires_grad}
+        return [name in params for name in model.state_dict()]
+
+    def server_optimizer(self) -> ServerOptimizer:
+        """The server step: the strategy's optimizer, or the ``lr_schedule``'s scheduler."""
+        strategy, sched = self.scenario.strategy, self.scenario.lr_schedule
+        if sched is None or sched.kind == "constant":
+            return server_optimizer(strategy.name, **strategy.model_dump(exclude={"name", "proximal_mu"}))
+        mask = self.trainable_mask()
+        if sched.kind == "decay":
+            return fedhyper.decay_server(sched.decay_target, alpha0=sched.alpha0, rate=sched.decay_rate,
+                                         trainable=mask)
+        if sched.kind == "fedexp":
+            return fedhyper.fedexp_server(eps=sched.fedexp_eps, trainable=mask)
+        settings = sched.model_dump()
+        return fedhyper.fedhyper_server(sched.variant, **fedhyper.server_kwargs(settings), trainable=mask)
+
+    def cl_kwargs(self) -> dict:
+        """Keyword arguments of the FedHyper CL client rule (``beta_lg: auto`` resolved)."""
+        sched = self.scenario.lr_schedule
+        return fedhyper.client_kwargs(sched.model_dump(), self.cohort_size) if sched is not None else {}
 
     def initial_arrays(self) -> dict[str, np.ndarray]:
         """The initial global model as named numpy arrays (``state_dict`` order)."""

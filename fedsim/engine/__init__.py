@@ -28,16 +28,19 @@ def flower_env() -> dict[str, str]:
     return {**os.environ, **FLOWER_ENV, "PATH": path}
 
 
-def run_scenario(scenario: Scenario, out_dir: str | Path, *, progress: str = "auto") -> dict:
-    """Run a validated scenario on its engine; returns ``summary.json``'s content."""
+def run_scenario(scenario: Scenario, out_dir: str | Path, *, progress: str = "auto", resume: bool = False) -> dict:
+    """Run a validated scenario on its engine; returns ``summary.json``'s content.
+
+    ``resume``: continue the run in ``out_dir`` from its latest checkpoint (same scenario only).
+    """
     os.environ.update(FLOWER_ENV)
     if scenario.engine.kind == "inprocess":
         from fedsim.engine.inprocess import run
-        return run(scenario, Path(out_dir), progress=progress)
+        return run(scenario, Path(out_dir), progress=progress, resume=resume)
     if scenario.engine.kind == "workers":
         from fedsim.engine.workers import run
-        return run(scenario, Path(out_dir), progress=progress)
+        return run(scenario, Path(out_dir), progress=progress, resume=resume)
     if scenario.engine.kind in ("flower", "ray"):
         from fedsim.engine.flower import run
-        return run(scenario, Path(out_dir), progress=progress)
+        return run(scenario, Path(out_dir), progress=progress, resume=resume)
     raise ValueError(f"engine '{scenario.engine.kind}' is not available in this version (available: {ENGINES})")

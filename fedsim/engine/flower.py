@@ -23,11 +23,12 @@ import urllib.request
 from contextlib import ExitStack
 from pathlib import Path
 
+from fedsim.errors import RunError
 from fedsim.results import read_json
 from fedsim.scenario import Scenario
 
 
-class FlowerRunError(RuntimeError):
+class FlowerRunError(RunError):
     """The SuperLink reported the run as failed, or it did not finish in time."""
 
 
@@ -121,12 +122,11 @@ def _kill_group(p: subprocess.Popen, sig: int) -> None:
         pass
 
 
-def run(scenario: Scenario, out_dir: Path, *, progress: str = "auto") -> dict:
+def run(scenario: Scenario, out_dir: Path, *, progress: str = "auto", resume: bool = False) -> dict:
     """Run ``scenario`` on Flower's deployment runtime (``flower``) or simulation runtime (``ray``)."""
     from fedsim.engine import flower_env
     from fedsim.flower import deployment
-    from fedsim.flower.codec import MIN_NODES_KEY, NODE_WAIT_KEY, OUT_DIR_KEY, PROGRESS_KEY, SCENARIO_KEY
-    from fedsim.flower.codec import scenario_to_config
+    from fedsim.flower.codec import MIN_NODES_KEY, NODE_WAIT_KEY, make_run_config
 
     eng, ray = scenario.engine, scenario.engine.kind == "ray"
     if ray:
@@ -134,8 +134,8 @@ def run(scenario: Scenario, out_dir: Path, *, progress: str = "auto") -> dict:
     out_dir = out_dir.resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     nodes = _ray_nodes(scenario) if ray else (eng.supernodes if not eng.superlink else 1)
-    run_config = {SCENARIO_KEY: scenario_to_config(scenario), OUT_DIR_KEY: str(out_dir), PROGRESS_KEY: "log",
-                  MIN_NODES_KEY: nodes, NODE_WAIT_KEY: eng.start_timeout_s}
+    run_config = make_run_config(scenario, out_dir, "log", resume,
+                                 **{MIN_NODES_KEY: nodes, NODE_WAIT_KEY: eng.start_timeout_s})
     with ExitStack() as stack:
         if eng.superlink and not ray:
             address, certs = eng.superlink, eng.root_certificates

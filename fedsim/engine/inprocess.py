@@ -9,19 +9,19 @@ from fedsim.results import read_json
 from fedsim.scenario import Scenario
 
 
-def run(scenario: Scenario, out_dir: Path, *, progress: str = "auto") -> dict:
+def run(scenario: Scenario, out_dir: Path, *, progress: str = "auto", resume: bool = False) -> dict:
     """Run ``scenario`` with one virtual Flower node per client; returns the summary."""
     import torch
 
     from clients.app import app as client_app
-    from fedsim.flower.codec import OUT_DIR_KEY, PROGRESS_KEY, SCENARIO_KEY, scenario_to_config
+    from fedsim.flower.codec import make_run_config
     from fedsim.flower.compat import check_version
     from fedsim.flower.inprocess import run_inprocess
     from server.app import app as server_app
 
     check_version()
     torch.set_num_threads(1)
-    run_config = {SCENARIO_KEY: scenario_to_config(scenario), OUT_DIR_KEY: str(out_dir), PROGRESS_KEY: progress}
+    run_config = make_run_config(scenario, out_dir, progress, resume)
     num_nodes = get_federation(scenario).num_clients
     run_inprocess(server_app, client_app, num_nodes, run_config)
     return read_json(out_dir / "summary.json")

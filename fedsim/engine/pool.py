@@ -18,11 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedsim.engine.devices import worker_env
+from fedsim.errors import RunError
 
 PORT_PREFIX = "FEDSIM_WORKER_PORT "
 
 
-class WorkerStartError(RuntimeError):
+class WorkerStartError(RunError):
     """A worker did not come up in time, or exited while starting."""
 
 

@@ -10,12 +10,12 @@ from fedsim.results import read_json
 from fedsim.scenario import Scenario
 
 
-def run(scenario: Scenario, out_dir: Path, *, progress: str = "auto") -> dict:
+def run(scenario: Scenario, out_dir: Path, *, progress: str = "auto", resume: bool = False) -> dict:
     """Run ``scenario`` with persistent client workers; every worker is stopped on exit, error or Ctrl-C."""
     import torch
 
     from fedsim.engine import flower_env
-    from fedsim.flower.codec import OUT_DIR_KEY, PROGRESS_KEY, SCENARIO_KEY, scenario_to_config
+    from fedsim.flower.codec import make_run_config
     from fedsim.flower.compat import check_version
     from fedsim.flower.inprocess import run_server_app
     from fedsim.flower.workers_grid import WorkerGrid
@@ -25,7 +25,7 @@ def run(scenario: Scenario, out_dir: Path, *, progress: str = "auto") -> dict:
     torch.set_num_threads(1)
     eng = scenario.engine
     devices = plan_workers(eng.devices, workers=eng.workers, workers_per_device=eng.workers_per_device)
-    run_config = {SCENARIO_KEY: scenario_to_config(scenario), OUT_DIR_KEY: str(out_dir), PROGRESS_KEY: progress}
+    run_config = make_run_config(scenario, out_dir, progress, resume)
     num_nodes = get_federation(scenario).num_clients
     out_dir.mkdir(parents=True, exist_ok=True)
     with WorkerGrid(devices, num_nodes, run_config, out_dir, flower_env(), eng.start_timeout_s) as grid:

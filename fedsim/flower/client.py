@@ -12,6 +12,7 @@ import time
 import torch
 from flwr.app import Context, Message, RecordDict
 
+from fedsim.algorithms.fedhyper import FedHyperClient
 from fedsim.federation import get_federation
 from fedsim.flower.codec import config_record, from_record, metric_record, scenario_from_config, to_record
 from fedsim.seeding import torch_generator
@@ -41,15 +42,26 @@ def handle_train(msg: Message, context: Context) -> Message:
     rnd, cid = int(cfg["server-round"]), int(cfg["client-id"])
     model = _load_global(msg, fed)
     x, y = fed.client_data(cid)
-    local = scn.federation.local
+    local, lr, device = scn.federation.local, float(cfg["lr"]), client_device()
+    cl = _cl_rule(msg, fed, model.to(device), lr) if cfg.get("fedhyper-cl") else None
     out = local_train(model, x, y, epochs=local.epochs, steps=local.steps, batch_size=local.batch_size,
-                      optimizer=local.optimizer, lr=float(cfg["lr"]), momentum=local.momentum,
+                      optimizer=local.optimizer, lr=lr, momentum=local.momentum,
                       weight_decay=local.weight_decay, proximal_mu=float(cfg.get("proximal-mu", 0.0)),
-                      generator=torch_generator(scn.seed, "train", rnd, cid), device=client_device())
+                      generator=torch_generator(scn.seed, "train", rnd, cid), device=device,
+                      on_epoch=cl.start_epoch if cl else None, on_step=cl.after_step if cl else None)
     arrays = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
     metrics = {"num-examples": out["num_examples"], "train_loss": out["train_loss"], "steps": out["steps"],
-               "compute_s": time.perf_counter() - start, "client-id": cid, "server-round": rnd}
+               "compute_s": time.perf_counter() - start, "client-id": cid, "server-round": rnd,
+               "lr_local": cl.lr if cl else lr, **(cl.metrics() if cl else {})}
     return Message(RecordDict({"arrays": to_record(arrays), "metrics": metric_record(metrics)}), reply_to=msg)
+
+
+def _cl_rule(msg: Message, fed, model: torch.nn.Module, lr: float) -> FedHyperClient:
+    """FedHyper's client rule, fed the previous global update when the server sent one (round >= 2)."""
+    prev = msg.content.get("prev_update")
+    params = [p for p in model.parameters() if p.requires_grad]
+    prev_t = [torch.from_numpy(a) for a in from_record(prev).values()] if prev is not None else None
+    return FedHyperClient(lr, prev_t, params, **fed.cl_kwargs())
 
 
 def handle_evaluate(msg: Message, context: Context) -> Message:

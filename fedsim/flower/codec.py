@@ -21,6 +21,8 @@ PROGRESS_KEY = "fedsim.progress"
 #: The server waits (bounded) until this many client nodes are connected before round 1.
 MIN_NODES_KEY = "fedsim.min-nodes"
 NODE_WAIT_KEY = "fedsim.node-wait-s"
+#: "true": continue the run in the out dir from its latest checkpoint.
+RESUME_KEY = "fedsim.resume"
 
 
 def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
@@ -55,6 +57,13 @@ def roundtrip(message: Message) -> tuple[Message, int]:
     proto2 = type(proto)()
     proto2.ParseFromString(data)
     return message_from_proto(proto2), len(data)
+
+
+def make_run_config(scenario: Scenario, out_dir, progress: str = "auto", resume: bool = False,
+                    **extra: Any) -> dict[str, Any]:
+    """The Flower run config of a fedsim run (every engine passes the scenario this way)."""
+    return {SCENARIO_KEY: scenario_to_config(scenario), OUT_DIR_KEY: str(out_dir), PROGRESS_KEY: progress,
+            RESUME_KEY: "true" if resume else "false", **extra}
 
 
 def scenario_to_config(scenario: Scenario) -> str:

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import flwr
 
+from fedsim.errors import RunError
+
 SUPPORTED = "1.41."
 
 
 def check_version() -> None:
     """Refuse to run on a Flower minor version whose internals were not verified."""
     if not flwr.__version__.startswith(SUPPORTED):
-        raise RuntimeError(f"fedsim needs flwr {SUPPORTED}* (found {flwr.__version__}); "
+        raise RunError(f"fedsim needs flwr {SUPPORTED}* (found {flwr.__version__}); "
                            "install with: pip install -c constraints.txt -e .")
 
 

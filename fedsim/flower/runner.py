@@ -17,14 +17,21 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid
 
 import fedsim
+from fedsim.errors import RunError
+from fedsim.algorithms.fedhyper import state_from_arrays, state_to_arrays
 from fedsim.federation import Federation, get_federation
-from fedsim.flower.codec import (MIN_NODES_KEY, NODE_WAIT_KEY, OUT_DIR_KEY, PROGRESS_KEY, from_record,
+from fedsim.flower.codec import (MIN_NODES_KEY, NODE_WAIT_KEY, OUT_DIR_KEY, PROGRESS_KEY, RESUME_KEY, from_record,
                                  scenario_from_config, to_record)
 from fedsim.flower.strategy import FedsimStrategy
 from fedsim.progress import RoundProgress
-from fedsim.results import MetricsWriter, build_summary, plot_run, save_checkpoint, write_json
+from fedsim.results import (MetricsWriter, build_summary, load_checkpoint, plot_run, read_metrics, save_checkpoint,
+                            write_json)
 from fedsim.scenario import Scenario, config_sha256, to_yaml
 from fedsim.train import evaluate
+
+
+class ResumeError(RunError):
+    """A run directory that cannot be resumed (no checkpoint, or a different scenario)."""
 
 
 def serve(grid: Grid, context: Context) -> dict:
@@ -34,7 +41,8 @@ def serve(grid: Grid, context: Context) -> dict:
     mode = str(context.run_config.get(PROGRESS_KEY, "auto"))
     wait_for_nodes(grid, int(context.run_config.get(MIN_NODES_KEY, 1)),
                    float(context.run_config.get(NODE_WAIT_KEY, 120.0)))
-    return ServerLoop(scn, out_dir, mode).run(grid)
+    resume = str(context.run_config.get(RESUME_KEY, "")).lower() == "true"
+    return ServerLoop(scn, out_dir, mode, resume).run(grid)
 
 
 def wait_for_nodes(grid: Grid, count: int, timeout_s: float) -> None:
@@ -45,7 +53,7 @@ def wait_for_nodes(grid: Grid, count: int, timeout_s: float) -> None:
         if have >= count:
             return
         if time.monotonic() > deadline:
-            raise RuntimeError(f"only {have} of {count} client nodes connected within {timeout_s:.0f} s; "
+            raise RunError(f"only {have} of {count} client nodes connected within {timeout_s:.0f} s; "
                                "check that the SuperNodes are running and can reach the SuperLink")
         time.sleep(0.5)
 
@@ -53,8 +61,8 @@ def wait_for_nodes(grid: Grid, count: int, timeout_s: float) -> None:
 class ServerLoop:
     """One run: owns the run directory while it trains."""
 
-    def __init__(self, scenario: Scenario, out_dir: Path, progress: str = "auto"):
-        self.scn, self.out = scenario, out_dir
+    def __init__(self, scenario: Scenario, out_dir: Path, progress: str = "auto", resume: bool = False):
+        self.scn, self.out, self.resume = scenario, out_dir, resume
         self.fed: Federation = get_federation(scenario)
         self.strategy = FedsimStrategy(self.fed)
         self.progress_mode = progress
@@ -64,18 +72,43 @@ class ServerLoop:
     def run(self, grid: Grid) -> dict:
         """Train for ``federation.rounds`` rounds and write every result file."""
         self._prepare()
-        arrays = self.fed.initial_arrays()
+        done, arrays, rows = self._restore() if self.resume else (0, self.fed.initial_arrays(), [])
         start = time.perf_counter()
-        rows: list[dict] = []
-        with MetricsWriter(self.out) as sink, RoundProgress(self.scn.federation.rounds, self.progress_mode) as bar:
-            bar.note(self._partition_line())
-            for rnd in range(1, self.scn.federation.rounds + 1):
+        with MetricsWriter(self.out, append=self.resume) as sink, \
+                RoundProgress(self.scn.federation.rounds, self.progress_mode) as bar:
+            bar.note(self._partition_line() + (f"; resuming after round {done}" if done else ""))
+            for rnd in range(done + 1, self.scn.federation.rounds + 1):
                 arrays, row = self._round(grid, rnd, arrays, start)
                 sink.write(row)
                 rows.append(row)
                 bar.update(rnd, row)
                 self._maybe_checkpoint(rnd, arrays)
         return self._finish(rows, arrays, time.perf_counter() - start)
+
+    def _restore(self) -> tuple[int, dict[str, np.ndarray], list[dict]]:
+        """The latest checkpoint: its round, model and server-optimizer state; later metric rows are dropped."""
+        ckpts = sorted((self.out / "checkpoints").glob("round-*.safetensors"))
+        if not ckpts:
+            raise ResumeError(f"{self.out} has no checkpoints to resume from (set output.checkpoint_every)")
+        tensors, meta = load_checkpoint(ckpts[-1])
+        for key, want in (("trajectory_sha256", config_sha256(self.scn, any_rounds=True)),
+                          ("partition_fingerprint", self.stats["fingerprint"])):
+            if meta.get(key) != want:
+                raise ResumeError(f"cannot resume {self.out}: its {key} differs from this scenario's "
+                                  "(the data, model or settings changed); start a new run instead")
+        done = int(meta["round"])
+        loaded = {k.removeprefix("model."): v.numpy() for k, v in tensors.items() if k.startswith("model.")}
+        order = list(self.fed.initial_arrays())          # safetensors sorts names; the model's order matters
+        if sorted(order) != sorted(loaded):
+            raise ResumeError(f"{ckpts[-1]} does not hold this scenario's model")
+        arrays = {k: loaded[k] for k in order}
+        opt = {k.removeprefix("server_opt."): v.numpy() for k, v in tensors.items() if k.startswith("server_opt.")}
+        self.strategy.opt_state = state_from_arrays(opt) if opt else {}
+        rows = [r for r in read_metrics(self.out) if r["round"] <= done] if (self.out / "metrics.jsonl").exists() else []
+        with MetricsWriter(self.out) as sink:       # rewrite without the rounds after the checkpoint
+            for row in rows:
+                sink.write(row)
+        return done, arrays, rows
 
     def _prepare(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -126,12 +159,13 @@ class ServerLoop:
         every = self.scn.output.checkpoint_every
         if every and rnd % every == 0:
             tensors = {f"model.{k}": torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
-            for key, values in self.strategy.opt_state.items():
-                tensors.update({f"server_opt.{key}.{i}": torch.from_numpy(np.asarray(v)) for i, v in enumerate(values)})
+            tensors.update({f"server_opt.{k}": torch.from_numpy(v)
+                            for k, v in state_to_arrays(self.strategy.opt_state).items()})
             save_checkpoint(self.out / "checkpoints" / f"round-{rnd:05d}.safetensors", tensors, self._meta(rnd))
 
     def _meta(self, rnd: int) -> dict[str, str]:
-        return {"round": str(rnd), "config_sha256": config_sha256(self.scn), "fedsim_version": fedsim.__version__,
+        return {"round": str(rnd), "config_sha256": config_sha256(self.scn),
+                "trajectory_sha256": config_sha256(self.scn, any_rounds=True), "fedsim_version": fedsim.__version__,
                 "partition_fingerprint": self.stats["fingerprint"]}
 
     def _finish(self, rows: list[dict], arrays: dict[str, np.ndarray], wall_s: float) -> dict:

@@ -17,7 +17,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedsim.algorithms.aggregate import ServerOptimizer, mean_update, server_optimizer
+from fedsim.algorithms import fedhyper
+from fedsim.algorithms.aggregate import ServerOptimizer, mean_update
+from fedsim.errors import RunError
 from fedsim.federation import Federation
 from fedsim.flower.codec import config_record, from_record, message_nbytes, to_record
 from fedsim.flower.replies import Accepted, Expectation, Rejected, check_reply
@@ -31,9 +33,11 @@ class FedsimStrategy(Strategy):
 
     def __init__(self, federation: Federation, optimizer: ServerOptimizer | None = None):
         self.fed = federation
-        cfg = federation.scenario.strategy.model_dump(exclude={"name"})
-        self.proximal_mu = float(cfg.pop("proximal_mu", 0.0))
-        self.optimizer = optimizer or server_optimizer(federation.scenario.strategy.name, **cfg)
+        self.proximal_mu = float(getattr(federation.scenario.strategy, "proximal_mu", 0.0))
+        self.optimizer = optimizer or federation.server_optimizer()
+        sched = federation.scenario.lr_schedule
+        self.uniform = sched is not None and sched.kind != "constant" and sched.weighting == "uniform"
+        self.send_prev_update = sched is not None and sched.uses_cl
         self.opt_state: dict = {}
         self.round_log: dict = {}
         self._global: dict[str, np.ndarray] = {}
@@ -52,23 +56,53 @@ class FedsimStrategy(Strategy):
         model_bytes = sum(v.nbytes for v in self._global.values())
         self._exp = Expectation(server_round, node_of, specs, dict(enumerate(self.fed.client_sizes)),
                                 REPLY_SIZE_FACTOR * model_bytes + (1 << 20))
-        msgs = [self._message(MessageType.TRAIN, arrays, config, server_round, cid, node_of[cid]) for cid in cids]
-        self.round_log = {"sampled": cids, "bytes_down": sum(message_nbytes(m) for m in msgs)}
+        extra = self._round_extras()
+        msgs = [self._message(MessageType.TRAIN, arrays, config, server_round, cid, node_of[cid], extra)
+                for cid in cids]
+        self.round_log = {"sampled": cids, "bytes_down": sum(message_nbytes(m) for m in msgs),
+                          "lr_sent": extra["lr"]}
         return msgs
 
+    def local_lr(self) -> float:
+        """The client LR for this round: the scenario's, times the schedule's factor (SL, Decay-SL)."""
+        scale = getattr(self.optimizer, "local_lr_scale", None)
+        base = self.fed.scenario.federation.local.lr
+        return base * float(scale(self.opt_state)) if scale is not None else base
+
+    def global_lr(self) -> float:
+        """The server LR of the last step (FedHyper G/GM, decay, FedExp), else the strategy's."""
+        lr = getattr(self.optimizer, "global_lr", None)
+        return float(lr(self.opt_state)) if lr is not None else float(getattr(self.fed.scenario.strategy,
+                                                                               "server_lr", 1.0))
+
+    def _round_extras(self) -> dict:
+        """Per-round scalars (and FedHyper CL's previous global update) for every client."""
+        extra: dict = {"lr": self.local_lr()}
+        if self.send_prev_update:
+            extra["fedhyper-cl"] = True
+            prev = fedhyper.previous_update(self.opt_state)
+            if prev is not None:
+                names = [k for k, t in zip(self._global, self.fed.trainable_mask()) if t]
+                extra["prev_update"] = to_record({k: v.astype(np.float32) for k, v in zip(names, prev)})
+        return extra
+
     def _message(self, mtype: str, arrays: ArrayRecord, config: ConfigRecord, server_round: int, cid: int,
-                 node: int) -> Message:
-        local = self.fed.scenario.federation.local
-        cfg = config_record({**dict(config), "server-round": server_round, "client-id": cid, "lr": local.lr,
-                             "proximal-mu": self.proximal_mu})
-        return Message(RecordDict({"arrays": arrays, "config": cfg}), dst_node_id=node, message_type=mtype)
+                 node: int, extra: dict | None = None) -> Message:
+        extra = dict(extra or {"lr": self.local_lr()})
+        prev = extra.pop("prev_update", None)
+        cfg = config_record({**dict(config), "server-round": server_round, "client-id": cid,
+                             "proximal-mu": self.proximal_mu, **extra})
+        content = RecordDict({"arrays": arrays, "config": cfg})
+        if prev is not None:
+            content["prev_update"] = prev
+        return Message(content, dst_node_id=node, message_type=mtype)
 
     @staticmethod
     def _assign_nodes(cids: list[int], grid: Grid) -> dict[int, int]:
         """Virtual client -> node: node k serves clients k, k + N, k + 2N, ... (N nodes, sorted ids)."""
         nodes = sorted(grid.get_node_ids())
         if not nodes:
-            raise RuntimeError("no client nodes are connected to the grid")
+            raise RunError("no client nodes are connected to the grid")
         return {cid: nodes[cid % len(nodes)] for cid in cids}
 
     def aggregate_train(self, server_round: int,
@@ -84,9 +118,14 @@ class FedsimStrategy(Strategy):
             return None, MetricRecord(metrics)
         start = time.perf_counter()
         params = list(self._global.values())
-        delta = mean_update(params, [r.arrays for r in ok], [r.weight for r in ok])
-        new, self.opt_state = self.optimizer.update(params, delta, self.opt_state)
+        delta = mean_update(params, [r.arrays for r in ok], [1.0 if self.uniform else r.weight for r in ok])
+        if self.optimizer.name == "fedexp":
+            new, self.opt_state = self.optimizer.update(params, delta, self.opt_state,
+                                                        client_params=[r.arrays for r in ok])
+        else:
+            new, self.opt_state = self.optimizer.update(params, delta, self.opt_state)
         self.round_log["aggregate_s"] = time.perf_counter() - start
+        metrics["lr_global"] = self.global_lr()
         return to_record(dict(zip(self._global, new))), MetricRecord(metrics)
 
     @staticmethod
@@ -94,8 +133,12 @@ class FedsimStrategy(Strategy):
         weights = np.array([r.weight for r in ok], dtype=np.float64)
         losses = np.array([float(r.metrics.get("train_loss", np.nan)) for r in ok], dtype=np.float64)
         loss = float((weights * losses).sum() / weights.sum()) if ok else float("nan")
-        return {"clients": len(ok), "rejected": len(bad), "train_loss": loss,
-                "client_compute_s": float(sum(float(r.metrics.get("compute_s", 0.0)) for r in ok))}
+        lrs = [float(r.metrics["lr_local"]) for r in ok if isinstance(r.metrics.get("lr_local"), (int, float))]
+        out = {"clients": len(ok), "rejected": len(bad), "train_loss": loss,
+               "client_compute_s": float(sum(float(r.metrics.get("compute_s", 0.0)) for r in ok))}
+        if lrs:
+            out.update(lr_local_mean=float(np.mean(lrs)), lr_local_min=min(lrs), lr_local_max=max(lrs))
+        return out
 
     # -------------------------------------------------------------- evaluate
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,

@@ -19,9 +19,9 @@ from typing import Any, Iterable, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from fedsim.scenario.schema import UNION_TAGS, Scenario, either_or_message
+from fedsim.scenario.schema import UNION_TAGS, Scenario, check_schedule_strategy, either_or_message
 
-RESERVED_SECTIONS = ("lr_schedule", "privacy", "lora", "pruning")
+RESERVED_SECTIONS = ("privacy", "lora", "pruning")
 
 
 class ScenarioError(ValueError):
@@ -221,6 +221,9 @@ def cross_check(raw: dict) -> list[str]:
                              ("federation.local", _section(fed, "local"), "epochs", "steps")):
         if node.get(a) is not None and node.get(b) is not None:
             problems.append(f"{path}: {either_or_message(a, b)}")
+    schedule, strategy = raw.get("lr_schedule"), _section(raw, "strategy").get("name", "fedavg")
+    if isinstance(schedule, dict) and isinstance(strategy, str):
+        problems += [m for m in [check_schedule_strategy(schedule.get("kind", "fedhyper"), strategy)] if m]
     n, k = _section(data, "partition").get("num_clients"), fed.get("clients_per_round")
     if isinstance(n, int) and isinstance(k, int) and not isinstance(k, bool) and 0 < n < k:
         problems.append(f"federation.clients_per_round: {k} is more than data.partition.num_clients ({n})")
@@ -273,10 +276,16 @@ def resolved(scn: Scenario) -> dict:
     return scn.model_dump(mode="json")
 
 
-def config_sha256(scn: Scenario) -> str:
+def config_sha256(scn: Scenario, *, any_rounds: bool = False) -> str:
     """Fingerprint of everything that changes results: the resolved scenario minus ``output`` and
-    ``engine`` (every engine must give the same model; the parity tests hold them to it)."""
+    ``engine`` (every engine must give the same model; the parity tests hold them to it).
+
+    ``any_rounds``: also leave out ``federation.rounds`` — the fingerprint a resumed run must
+    match, since running longer does not change the rounds already run.
+    """
     body = {k: v for k, v in resolved(scn).items() if k not in ("output", "engine")}
+    if any_rounds:
+        body["federation"] = {k: v for k, v in body["federation"].items() if k != "rounds"}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 

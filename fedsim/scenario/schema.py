@@ -155,6 +155,60 @@ class FedProx(Section):
 Strategy = Annotated[Union[FedAvg, FedAvgM, FedAdam, FedProx], Field(discriminator="name")]
 
 
+# -------------------------------------------------------------------- lr schedule
+Bounds = tuple[float, float]
+
+
+class LrSchedule(Section):
+    """Server (global) and client (local) learning-rate schedules.
+
+    ``kind``: ``constant`` (the strategy's server LR, the scenario's local LR), ``decay``
+    (Decay-G or Decay-SL: ``decay_target``, ``decay_rate``), ``fedexp`` (FedExp server LR), or
+    ``fedhyper`` (hypergradient schedulers, arXiv:2310.03156; ``variant`` g | gm | sl | cl |
+    g+cl | gm+cl). ``preset: reference`` switches the defaults to the reference code's
+    (uniform weighting, unclipped SL accumulator); keys given explicitly still win.
+    """
+
+    kind: Literal["constant", "decay", "fedexp", "fedhyper"] = "fedhyper"
+    preset: Literal["canonical", "reference"] = "canonical"
+    variant: Literal["g", "gm", "sl", "cl", "g+cl", "gm+cl"] = "g+cl"
+    alpha0: PositiveFloat = 1.0
+    beta_g: NonNegFloat = 1.0
+    alpha_bounds: Bounds = (0.2, 5.0)
+    gm_bounds: Bounds = (-0.2, 4.0)
+    gm_momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    beta_sl: NonNegFloat = 1.0
+    sl_bounds: Bounds = (0.1, 10.0)
+    sl_state_clip: bool = True
+    beta_l: NonNegFloat = 1.0
+    beta_lg: Union[Literal["auto"], NonNegFloat] = "auto"
+    cl_factor_cap: PositiveFloat = 1.1
+    cl_bounds: Bounds = (0.1, 10.0)
+    weighting: Literal["num_examples", "uniform"] = "num_examples"
+    decay_target: Literal["g", "sl"] = "g"
+    decay_rate: Annotated[float, Field(gt=0, le=1)] = 0.995
+    fedexp_eps: PositiveFloat = 1e-3
+
+    @model_validator(mode="after")
+    def _check(self) -> "LrSchedule":
+        for name in ("alpha_bounds", "gm_bounds", "sl_bounds", "cl_bounds"):
+            lo, hi = getattr(self, name)
+            if not lo < hi:
+                raise ValueError(f"{name}: the lower bound {lo} must be below the upper bound {hi}")
+        if self.cl_bounds[0] < 0 or self.sl_bounds[0] <= 0 or self.alpha_bounds[0] <= 0:
+            raise ValueError("alpha_bounds, sl_bounds must be positive and cl_bounds non-negative")
+        if self.preset == "reference":
+            for key, value in (("weighting", "uniform"), ("sl_state_clip", False)):
+                if key not in self.model_fields_set:
+                    self.__dict__[key] = value
+        return self
+
+    @property
+    def uses_cl(self) -> bool:
+        """Whether clients run the CL rule (and need the previous global update)."""
+        return self.kind == "fedhyper" and self.variant.endswith("cl")
+
+
 # ------------------------------------------------------------------ engine/output
 class EngineConfig(Section):
     """Where the server and the clients run. Keys of other kinds are accepted and ignored, so
@@ -190,7 +244,7 @@ class Scenario(Section):
     strategy: Strategy = Field(default_factory=lambda: FedAvg(name="fedavg"))
     engine: EngineConfig = Field(default_factory=EngineConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
-    lr_schedule: None = None
+    lr_schedule: LrSchedule | None = None
     privacy: None = None
     lora: None = None
     pruning: None = None
@@ -198,3 +252,11 @@ class Scenario(Section):
 
 #: Discriminated unions by location, used to map pydantic's error paths back to YAML paths.
 UNION_TAGS: dict[tuple[str, ...], str] = {("data", "partition"): "kind", ("strategy",): "name"}
+
+
+def check_schedule_strategy(kind: str, strategy_name: str) -> str | None:
+    """A schedule that drives the server LR replaces the server optimizer: only with fedavg/fedprox."""
+    if kind != "constant" and strategy_name not in ("fedavg", "fedprox"):
+        return (f"lr_schedule.kind: '{kind}' sets the server learning rate itself and cannot be combined "
+                f"with strategy '{strategy_name}' (use fedavg or fedprox)")
+    return None

@@ -13,7 +13,7 @@ Example:
 from __future__ import annotations
 
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -22,8 +22,8 @@ from torch import nn
 
 
 def _batches(n: int, batch_size: int, epochs: int | None, steps: int | None,
-             generator: torch.Generator) -> Iterator[torch.Tensor]:
-    """Index batches: ``epochs`` full shuffled passes, or exactly ``steps`` batches (reshuffling as needed)."""
+             generator: torch.Generator) -> Iterator[tuple[bool, torch.Tensor]]:
+    """(first batch of an epoch?, index batch): ``epochs`` shuffled passes, or exactly ``steps`` batches."""
     done = 0
     epoch = 0
     while (steps is not None and done < steps) or (steps is None and epoch < (epochs or 1)):
@@ -31,7 +31,7 @@ def _batches(n: int, batch_size: int, epochs: int | None, steps: int | None,
         for start in range(0, n, batch_size):
             if steps is not None and done >= steps:
                 return
-            yield order[start:start + batch_size]
+            yield start == 0, order[start:start + batch_size]
             done += 1
         epoch += 1
 
@@ -50,7 +50,9 @@ def make_optimizer(model: nn.Module, name: str, lr: float, momentum: float = 0.0
 def local_train(model: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: int | None = None,
                 steps: int | None = None, batch_size: int = 32, optimizer: str = "sgd", lr: float = 0.05,
                 momentum: float = 0.0, weight_decay: float = 0.0, proximal_mu: float = 0.0,
-                generator: torch.Generator, device: torch.device | str = "cpu") -> dict[str, float]:
+                generator: torch.Generator, device: torch.device | str = "cpu",
+                on_epoch: Callable[[], None] | None = None,
+                on_step: Callable[[torch.optim.Optimizer], None] | None = None) -> dict[str, float]:
     """Train ``model`` in place on one client's data.
 
     Args:
@@ -61,6 +63,9 @@ def local_train(model: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: int |
         proximal_mu: FedProx proximal weight (0 disables it).
         generator: the source of the data order (derive it from seed, round and client id).
         device: where to train.
+        on_epoch: called before the first step of each epoch (e.g. ``FedHyperClient.start_epoch``).
+        on_step: called after each optimizer step with the optimizer (e.g. ``FedHyperClient.after_step``,
+            which may change the learning rate for the next step).
 
     Returns:
         ``train_loss`` (mean over steps), ``num_examples``, ``steps`` and ``compute_s``.
@@ -72,7 +77,9 @@ def local_train(model: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: int |
     opt = make_optimizer(model, optimizer, lr, momentum, weight_decay)
     anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
     total, count = 0.0, 0
-    for idx in _batches(len(ys), batch_size, epochs, steps, generator):
+    for first, idx in _batches(len(ys), batch_size, epochs, steps, generator):
+        if first and on_epoch is not None:
+            on_epoch()
         idx = idx.to(device)
         opt.zero_grad(set_to_none=True)
         loss = F.cross_entropy(model(xs[idx]), ys[idx])
@@ -81,6 +88,8 @@ def local_train(model: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: int |
             loss = loss + 0.5 * proximal_mu * prox
         loss.backward()
         opt.step()
+        if on_step is not None:
+            on_step(opt)
         total += float(loss.detach())
         count += 1
     if device.type == "cuda":
