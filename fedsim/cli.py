@@ -1,4 +1,4 @@
-"""The ``fedsim`` command: ``run``, ``validate`` and ``report``.
+"""The ``fedsim`` command: ``run``, ``validate``, ``report`` and ``deploy``.
 
 Exit codes: 0 success, 1 the run failed, 2 bad input (scenario, flags, paths), 130 interrupted.
 """
@@ -14,6 +14,7 @@ from pathlib import Path
 from rich.console import Console
 
 from fedsim import __version__
+from fedsim.deploy.cli import add_deploy_parser, run_deploy
 
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
@@ -38,6 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     rep.add_argument("--plot", default="comparison.png", help="where to write the comparison plot")
     rep.add_argument("--json", action="store_true", help="print the table as JSON")
+    add_deploy_parser(sub)
     return p
 
 
@@ -46,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     console = Console(stderr=True)
     try:
-        return {"run": _run, "validate": _validate, "report": _report}[args.command](args, console)
+        return {"run": _run, "validate": _validate, "report": _report,
+                "deploy": run_deploy}[args.command](args, console)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/yellow]")
         return EXIT_INTERRUPTED

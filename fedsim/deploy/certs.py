@@ -149,7 +149,7 @@ def san_names(hosts: Iterable[str]) -> list[str]:
         host = host.strip().strip("[]")
         if not host:
             raise ValueError("a host name is empty")
-        if any(c.isspace() for c in host) or ":" in host and _ip(host) is None:
+        if any(c.isspace() for c in host) or (":" in host and _ip(host) is None):
             raise ValueError(f"not a DNS name or IP address: {host!r} (give the host without a port)")
         if host not in names:
             names.append(host)

@@ -26,6 +26,15 @@ def client_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def _federation(context: Context):
+    """The run's scenario and Federation; a SuperNode's ``data-dir`` node config overrides ``data.root``."""
+    scn = scenario_from_config(context.run_config)
+    data_dir = context.node_config.get("data-dir")
+    if isinstance(data_dir, str) and data_dir:
+        scn = scn.model_copy(update={"data": scn.data.model_copy(update={"root": data_dir})})
+    return scn, get_federation(scn)
+
+
 def _load_global(msg: Message, fed) -> torch.nn.Module:
     model = fed.build_model()
     state = {k: torch.from_numpy(v) for k, v in from_record(msg.content["arrays"]).items()}
@@ -36,8 +45,7 @@ def _load_global(msg: Message, fed) -> torch.nn.Module:
 def handle_train(msg: Message, context: Context) -> Message:
     """Train the global model on the virtual client named in the message; reply with new weights."""
     start = time.perf_counter()
-    scn = scenario_from_config(context.run_config)
-    fed = get_federation(scn)
+    scn, fed = _federation(context)
     cfg = msg.content["config"]
     rnd, cid = int(cfg["server-round"]), int(cfg["client-id"])
     model = _load_global(msg, fed)
@@ -66,8 +74,7 @@ def _cl_rule(msg: Message, fed, model: torch.nn.Module, lr: float) -> FedHyperCl
 
 def handle_evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model on the client's own examples (client-side evaluation)."""
-    scn = scenario_from_config(context.run_config)
-    fed = get_federation(scn)
+    scn, fed = _federation(context)
     cfg = msg.content["config"]
     cid = int(cfg["client-id"])
     model = _load_global(msg, fed)

@@ -277,13 +277,15 @@ def resolved(scn: Scenario) -> dict:
 
 
 def config_sha256(scn: Scenario, *, any_rounds: bool = False) -> str:
-    """Fingerprint of everything that changes results: the resolved scenario minus ``output`` and
-    ``engine`` (every engine must give the same model; the parity tests hold them to it).
+    """Fingerprint of everything that changes results: the resolved scenario minus ``output``,
+    ``engine`` (every engine must give the same model; the parity tests hold them to it) and the
+    data's location (``data.root``, ``data.cache_dir``: loaders verify content by checksum).
 
     ``any_rounds``: also leave out ``federation.rounds`` — the fingerprint a resumed run must
     match, since running longer does not change the rounds already run.
     """
     body = {k: v for k, v in resolved(scn).items() if k not in ("output", "engine")}
+    body["data"] = {k: v for k, v in body["data"].items() if k not in ("root", "cache_dir")}   # where, not what
     if any_rounds:
         body["federation"] = {k: v for k, v in body["federation"].items() if k != "rounds"}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()

@@ -1,0 +1,160 @@
+"""Engine benchmark: one scenario on every engine, against a plain single-process PyTorch floor.
+
+Each measurement runs in a fresh subprocess; wall time is the whole command (start-up
+included) and ``run_s`` the training loop alone (summary.json ``wall_s``); peak RSS is the
+largest sum of resident memory over the process tree, sampled every 0.1 s from /proc.
+
+    python benchmarks/engines.py                       # quickstart: floor, inprocess, workers
+    python benchmarks/engines.py --engines floor,inprocess,workers,flower --rounds 5 --json
+
+The floor does the same local steps with the same data order and aggregation, minus Flower:
+no messages, no serialization, no processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+FLOOR = r"""
+import json, sys, time
+import numpy as np, torch
+torch.set_num_threads(1)
+from fedsim.algorithms.aggregate import mean_update
+from fedsim.federation import Federation
+from fedsim.scenario import load_scenario
+from fedsim.seeding import torch_generator
+from fedsim.train import evaluate, local_train
+
+scn = load_scenario(sys.argv[1], sys.argv[2:])
+fed = Federation(scn)                       # data loading is outside run_s, as in the engines
+t0 = time.perf_counter()
+local, model = scn.federation.local, fed.build_model()
+params = list(fed.initial_arrays().values())
+keys = list(model.state_dict())
+for rnd in range(1, scn.federation.rounds + 1):
+    outs, weights = [], []
+    for cid in fed.sample_clients(rnd):
+        model.load_state_dict({k: torch.from_numpy(v) for k, v in zip(keys, params)})
+        x, y = fed.client_data(cid)
+        local_train(model, x, y, epochs=local.epochs, steps=local.steps, batch_size=local.batch_size,
+                    optimizer=local.optimizer, lr=local.lr, momentum=local.momentum,
+                    weight_decay=local.weight_decay, generator=torch_generator(scn.seed, "train", rnd, cid))
+        outs.append([v.detach().numpy().copy() for v in model.state_dict().values()])
+        weights.append(len(y))
+    delta = mean_update(params, outs, weights)
+    params = [(p.astype(np.float64) + d).astype(p.dtype) for p, d in zip(params, delta)]
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in zip(keys, params)})
+    acc = evaluate(model, fed.dataset.x_test, fed.dataset.y_test)["accuracy"]
+print(json.dumps({"run_s": time.perf_counter() - t0, "final_accuracy": acc}))
+"""
+
+
+def _tree_rss_kib(root: int) -> int:
+    """Resident memory of ``root`` and all its descendants (KiB), from /proc."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    tree, frontier = {root}, [root]
+    while frontier:
+        pid = frontier.pop()
+        kids = [c for c, p in parents.items() if p == pid and c not in tree]
+        tree.update(kids)
+        frontier += kids
+    total = 0
+    for pid in tree:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+def measure(cmd: list[str], env: dict[str, str]) -> dict:
+    """Run ``cmd``; wall time, peak tree RSS (MiB), return code and stdout."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    peak = [0]
+
+    def sample() -> None:
+        while proc.poll() is None:
+            peak[0] = max(peak[0], _tree_rss_kib(proc.pid))
+            time.sleep(0.1)
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    out, err = proc.communicate()
+    sampler.join()
+    return {"wall_s": time.perf_counter() - start, "peak_rss_mib": peak[0] / 1024, "rc": proc.returncode,
+            "stdout": out, "stderr": err[-2000:]}
+
+
+def run_engine(engine: str, scenario: str, overrides: list[str], workdir: Path) -> dict:
+    """One measurement of ``engine`` (or ``floor``) on the scenario."""
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    if engine == "floor":
+        m = measure([sys.executable, "-c", FLOOR, scenario, *overrides], env)
+        if m["rc"] == 0:
+            m.update(json.loads(m["stdout"].strip().splitlines()[-1]))
+        return m
+    out = workdir / engine
+    m = measure([sys.executable, "-m", "fedsim.cli", "run", scenario, "--out", str(out), "--quiet",
+                 "--set", f"engine.kind={engine}", *(a for o in overrides for a in ("--set", o))], env)
+    if m["rc"] == 0:
+        summary = json.loads((out / "summary.json").read_text())
+        m.update(run_s=summary["wall_s"], final_accuracy=summary["final_accuracy"])
+    return m
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scenario", default=str(ROOT / "scenarios/quickstart.yaml"))
+    p.add_argument("--engines", default="floor,inprocess,workers")
+    p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = p.parse_args(argv)
+    overrides = list(args.overrides) + ([f"federation.rounds={args.rounds}"] if args.rounds else [])
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="fedsim-bench-") as tmp:
+        for engine in args.engines.split(","):
+            results[engine] = run_engine(engine, args.scenario, overrides, Path(tmp))
+            print(f"{engine}: rc={results[engine]['rc']} wall {results[engine]['wall_s']:.1f}s", file=sys.stderr)
+    floor = results.get("floor", {}).get("run_s")
+    rows = []
+    for engine, m in results.items():
+        ratio = m.get("run_s") / floor if floor and m.get("run_s") else None
+        rows.append({"engine": engine, "ok": m["rc"] == 0, "wall_s": round(m["wall_s"], 2),
+                     "run_s": round(m["run_s"], 2) if m.get("run_s") else None,
+                     "peak_rss_mib": round(m["peak_rss_mib"], 1), "run_vs_floor": round(ratio, 3) if ratio else None,
+                     "final_accuracy": m.get("final_accuracy"), **({} if m["rc"] == 0 else {"error": m["stderr"]})})
+    if args.json:
+        print(json.dumps({"scenario": args.scenario, "overrides": overrides, "cpus": os.cpu_count(), "rows": rows},
+                         indent=2))
+    else:
+        print(f"{'engine':<10} {'wall s':>8} {'run s':>8} {'run/floor':>9} {'peak RSS MiB':>13} {'accuracy':>9}")
+        for r in rows:
+            acc = f"{100 * r['final_accuracy']:.2f}%" if r["final_accuracy"] is not None else "-"
+            print(f"{r['engine']:<10} {r['wall_s']:>8} {r['run_s'] or '-':>8} {r['run_vs_floor'] or '-':>9} "
+                  f"{r['peak_rss_mib']:>13} {acc:>9}")
+    return 0 if all(r["ok"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
