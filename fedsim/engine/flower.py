@@ -5,7 +5,8 @@ Local mode (``engine: {kind: flower, supernodes: N}``): fedsim starts ``flower-s
 N ``flower-supernode`` processes on free loopback ports, submits the run through the
 Control API, follows it, and stops exactly the processes it started. Remote mode
 (``engine.superlink: HOST:PORT``): submit to a running SuperLink (TLS with
-``engine.root_certificates``); the ServerApp then writes the run directory on that machine.
+``engine.root_certificates``); the ServerApp prints its result files into the run's log and
+fedsim unpacks them into the local run directory (``fedsim.results.bundle``).
 
 Flower's deployment runtime starts a process per message and polls every few seconds:
 correct for real deployments, slow for simulation (use ``workers`` for that).
@@ -16,6 +17,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -24,7 +26,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from fedsim.errors import RunError
-from fedsim.results import read_json
+from fedsim.results import bundle, read_json
 from fedsim.scenario import Scenario
 
 
@@ -48,9 +50,10 @@ class LocalFederation:
     """A SuperLink and N SuperNodes on loopback, owned by this object (stopped by PID on exit)."""
 
     def __init__(self, run_dir: Path, supernodes: int, env: dict[str, str], start_timeout_s: float = 120.0,
-                 simulation: bool = False):
+                 simulation: bool = False, tls: dict[str, Path] | None = None):
         self.run_dir, self.supernodes, self.start_timeout_s = run_dir, supernodes, start_timeout_s
         self.simulation = simulation
+        self.tls = tls   # {"ca_cert", "server_cert", "server_key"} as written by fedsim.deploy.make_certs
         self.home = run_dir / "flwr"
         self.env = {**env, "FLWR_HOME": str(self.home)}
         self.port = free_port()
@@ -70,11 +73,12 @@ class LocalFederation:
         self.home.mkdir(parents=True, exist_ok=True)
         try:
             mode = ["--simulation", "--database", str(self.home / "state.db")] if self.simulation else []
-            self._spawn("flower-superlink", ["--insecure", "--host", "127.0.0.1", "--port", str(self.port),
+            self._spawn("flower-superlink", [*self._link_security(), "--host", "127.0.0.1", "--port", str(self.port),
                                              "--isolation", "subprocess", *mode], "superlink.log")
             self._wait_health()
+            node_security = ["--root-certificates", str(self.tls["ca_cert"])] if self.tls else ["--insecure"]
             for k in range(0 if self.simulation else self.supernodes):
-                self._spawn("flower-supernode", ["--insecure", "--superlink", self.address, "--port",
+                self._spawn("flower-supernode", [*node_security, "--superlink", self.address, "--port",
                                                  str(free_port()), "--node-config",
                                                  f"partition-id={k} num-partitions={self.supernodes}"],
                             f"supernode-{k}.log")
@@ -83,14 +87,22 @@ class LocalFederation:
             raise
         return self
 
+    def _link_security(self) -> list[str]:
+        if not self.tls:
+            return ["--insecure"]
+        return ["--ssl-ca-certfile", str(self.tls["ca_cert"]), "--ssl-certfile", str(self.tls["server_cert"]),
+                "--ssl-keyfile", str(self.tls["server_key"])]
+
     def _wait_health(self) -> None:
         deadline = time.monotonic() + self.start_timeout_s
+        scheme = "https" if self.tls else "http"
+        context = ssl.create_default_context(cafile=str(self.tls["ca_cert"])) if self.tls else None
         while time.monotonic() < deadline:
             if self.procs[0].poll() is not None:
                 raise FlowerRunError(f"flower-superlink exited ({self.procs[0].returncode}); "
                                      f"see {self.run_dir / 'logs' / 'superlink.log'}")
             try:
-                with urllib.request.urlopen(f"http://{self.address}/health", timeout=2) as resp:
+                with urllib.request.urlopen(f"{scheme}://{self.address}/health", timeout=2, context=context) as resp:
                     if resp.status == 200:
                         return
             except OSError:
@@ -126,18 +138,20 @@ def run(scenario: Scenario, out_dir: Path, *, progress: str = "auto", resume: bo
     """Run ``scenario`` on Flower's deployment runtime (``flower``) or simulation runtime (``ray``)."""
     from fedsim.engine import flower_env
     from fedsim.flower import deployment
-    from fedsim.flower.codec import MIN_NODES_KEY, NODE_WAIT_KEY, make_run_config
+    from fedsim.flower.codec import MIN_NODES_KEY, NODE_WAIT_KEY, SHIP_KEY, make_run_config
 
     eng, ray = scenario.engine, scenario.engine.kind == "ray"
     if ray:
         _require_ray()
     out_dir = out_dir.resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    nodes = _ray_nodes(scenario) if ray else (eng.supernodes if not eng.superlink else 1)
-    run_config = make_run_config(scenario, out_dir, "log", resume,
-                                 **{MIN_NODES_KEY: nodes, NODE_WAIT_KEY: eng.start_timeout_s})
+    remote = bool(eng.superlink) and not ray
+    nodes = _ray_nodes(scenario) if ray else eng.supernodes
+    run_config = make_run_config(scenario, "" if remote else out_dir, "log", resume,
+                                 **{MIN_NODES_KEY: nodes, NODE_WAIT_KEY: eng.start_timeout_s,
+                                    SHIP_KEY: "true" if remote else "false"})
     with ExitStack() as stack:
-        if eng.superlink and not ray:
+        if remote:
             address, certs = eng.superlink, eng.root_certificates
         else:
             local = stack.enter_context(LocalFederation(out_dir, eng.supernodes, flower_env(), eng.start_timeout_s,
@@ -153,6 +167,8 @@ def run(scenario: Scenario, out_dir: Path, *, progress: str = "auto", resume: bo
         log_text = deployment.logs(client, run_id)
         (out_dir / "logs").mkdir(exist_ok=True)
         (out_dir / "logs" / "serverapp.log").write_text(log_text)
+        if remote:
+            bundle.unpack(log_text, out_dir)
     if not outcome.ok:
         raise FlowerRunError(f"Flower run {run_id} ended {outcome.status}:{outcome.sub_status} {outcome.details}\n"
                              f"ServerApp log tail:\n{log_text[-2000:]}")

@@ -23,6 +23,8 @@ MIN_NODES_KEY = "fedsim.min-nodes"
 NODE_WAIT_KEY = "fedsim.node-wait-s"
 #: "true": continue the run in the out dir from its latest checkpoint.
 RESUME_KEY = "fedsim.resume"
+#: "true": print the result files into the ServerApp log (a remote SuperLink's disk is not ours).
+SHIP_KEY = "fedsim.ship-results"
 
 
 def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:

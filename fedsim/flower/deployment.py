@@ -104,14 +104,14 @@ def wait(client, run_id: int, timeout_s: float, on_poll: Callable[[], None] = la
 
 
 def logs(client, run_id: int) -> str:
-    """Everything the ServerApp logged (fetched once, after the run)."""
+    """Everything the ServerApp logged. Call once the run is finished: the SuperLink then sends
+    the whole log, ends the stream, and discards the log."""
     from flwr.proto.control_pb2 import StreamLogsRequest
 
     parts = []
     try:
         for res in client.StreamLogs(StreamLogsRequest(run_id=run_id, after_timestamp=0.0)):
             parts.append(res.log_output)
-            break
     except Exception as exc:  # logs are a courtesy; the run status is what counts
         parts.append(f"(could not fetch logs: {exc})")
     return "".join(parts)

@@ -7,6 +7,7 @@ in-process one, the worker pool, or a SuperLink.
 
 from __future__ import annotations
 
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -20,10 +21,12 @@ import fedsim
 from fedsim.errors import RunError
 from fedsim.algorithms.fedhyper import state_from_arrays, state_to_arrays
 from fedsim.federation import Federation, get_federation
-from fedsim.flower.codec import (MIN_NODES_KEY, NODE_WAIT_KEY, OUT_DIR_KEY, PROGRESS_KEY, RESUME_KEY, from_record,
+from fedsim.flower.codec import (MIN_NODES_KEY, NODE_WAIT_KEY, OUT_DIR_KEY, PROGRESS_KEY, RESUME_KEY, SHIP_KEY,
+                                 from_record,
                                  scenario_from_config, to_record)
 from fedsim.flower.strategy import FedsimStrategy
 from fedsim.progress import RoundProgress
+from fedsim.results import bundle
 from fedsim.results import (MetricsWriter, build_summary, load_checkpoint, plot_run, read_metrics, save_checkpoint,
                             write_json)
 from fedsim.scenario import Scenario, config_sha256, to_yaml
@@ -37,12 +40,16 @@ class ResumeError(RunError):
 def serve(grid: Grid, context: Context) -> dict:
     """Run the whole federation described by the run config on ``grid``; returns the summary."""
     scn = scenario_from_config(context.run_config)
-    out_dir = Path(str(context.run_config.get(OUT_DIR_KEY) or f"runs/{scn.name}"))
+    ship = str(context.run_config.get(SHIP_KEY, "")).lower() == "true"
+    out_dir = Path(str(context.run_config.get(OUT_DIR_KEY) or "") or tempfile.mkdtemp(prefix=f"fedsim-{scn.name}-"))
     mode = str(context.run_config.get(PROGRESS_KEY, "auto"))
     wait_for_nodes(grid, int(context.run_config.get(MIN_NODES_KEY, 1)),
                    float(context.run_config.get(NODE_WAIT_KEY, 120.0)))
     resume = str(context.run_config.get(RESUME_KEY, "")).lower() == "true"
-    return ServerLoop(scn, out_dir, mode, resume).run(grid)
+    summary = ServerLoop(scn, out_dir, mode, resume).run(grid)
+    if ship:      # a remote submitter reads the results back from this log
+        print(bundle.pack(out_dir), flush=True)
+    return summary
 
 
 def wait_for_nodes(grid: Grid, count: int, timeout_s: float) -> None:

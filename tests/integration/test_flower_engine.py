@@ -49,3 +49,24 @@ def test_same_model_as_inprocess_and_nothing_left_behind(tmp_path, tiny_yaml, mo
     assert summary["engine"] == "flower" and summary["rounds_completed"] == 2
     assert len(started) == 3 and _pids_alive(started) == []
     assert (tmp_path / "b/logs/serverapp.log").read_text().strip()
+
+
+def test_remote_superlink_over_tls_brings_results_home(tmp_path, tiny_yaml):
+    """engine.superlink + root_certificates: submit to an already-running TLS SuperLink; the result
+    files come back through the run's log into the local run directory."""
+    from fedsim.deploy import make_certs
+    from fedsim.engine import flower_env
+    from fedsim.engine.flower import LocalFederation
+
+    certs = make_certs(tmp_path / "certs", hosts=["127.0.0.1"])
+    text = tiny_yaml.replace("rounds: 3", "rounds: 2")
+    with LocalFederation(tmp_path / "remote", 2, flower_env(), tls=certs) as link:
+        scn = parse_scenario(text + f"engine: {{kind: flower, supernodes: 2, superlink: '{link.address}', "
+                                    f"root_certificates: '{certs['ca_cert']}'}}\n")
+        summary = run_scenario(scn, tmp_path / "local", progress="none")
+    assert summary["rounds_completed"] == 2
+    for name in ("metrics.jsonl", "summary.json", "model.safetensors", "config.yaml", "plots/accuracy.png"):
+        assert (tmp_path / "local" / name).is_file(), name
+    run_scenario(parse_scenario(text + "engine: {kind: inprocess}\n"), tmp_path / "ref", progress="none")
+    a, b = load_file(str(tmp_path / "ref/model.safetensors")), load_file(str(tmp_path / "local/model.safetensors"))
+    assert max(float(np.abs(a[k] - b[k]).max()) for k in a) <= 1e-6
