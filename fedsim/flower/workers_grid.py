@@ -11,20 +11,16 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterable
 
 import grpc
-from flwr.app import Error, Message, RecordDict
+from flwr.app import Error, Message
 from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.proto.message_pb2 import Message as ProtoMessage
-from flwr.serverapp import Grid
 
 from fedsim.engine.pool import WorkerProcess, start_worker, stop_workers, wait_ready
-from fedsim.flower.compat import empty_run
-from fedsim.flower.inprocess import NODE_ID_BASE
+from fedsim.flower.grid_base import NODE_ID_BASE, LocalGrid
 from fedsim.flower.worker import GRPC_OPTIONS, SERVICE
 
 #: Flower's ErrorCode.NODE_UNAVAILABLE.
@@ -32,20 +28,18 @@ NODE_UNAVAILABLE = 3
 MAX_RESTARTS = 3
 
 
-class WorkerGrid(Grid):
+class WorkerGrid(LocalGrid):
     """A Grid over W gRPC client workers serving ``num_nodes`` virtual nodes."""
 
     def __init__(self, devices: list[str], num_nodes: int, run_config: dict, run_dir: Path, env: dict[str, str],
                  start_timeout_s: float = 120.0):
-        self.devices, self.num_nodes = devices, num_nodes
+        super().__init__(num_nodes)
+        self.devices = devices
         self.run_config, self.run_dir, self.env = run_config, run_dir, env
         self.start_timeout_s = start_timeout_s
         self.workers: list[WorkerProcess] = []
         self.channels: list[grpc.Channel | None] = []
-        self._replies: dict[str, Message] = {}
         self._pool = ThreadPoolExecutor(max_workers=max(1, len(devices)), thread_name_prefix="fedsim-dispatch")
-        self._run = empty_run(1)
-        self.bytes_sent = self.bytes_received = 0
 
     # ------------------------------------------------------------- lifecycle
     def start(self) -> "WorkerGrid":
@@ -91,44 +85,21 @@ class WorkerGrid(Grid):
         self.close()
 
     # ------------------------------------------------------------------ Grid
-    def set_run(self, run_id: int) -> None:  # type: ignore[override]
-        """Grid API: one run per grid."""
-
-    @property
-    def run(self):  # type: ignore[override]
-        """Grid API: the current run."""
-        return self._run
-
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
-                       ttl: float | None = None) -> Message:
-        """Grid API (deprecated in Flower): build a message."""
-        return Message(content, dst_node_id=dst_node_id, message_type=message_type, ttl=ttl, group_id=group_id)
-
-    def get_node_ids(self) -> list[int]:
-        """One node per virtual client."""
-        return [NODE_ID_BASE + c for c in range(self.num_nodes)]
-
     def worker_of(self, node_id: int) -> int:
         """The worker that always serves ``node_id``."""
         return (node_id - NODE_ID_BASE) % len(self.workers)
 
-    def push_messages(self, messages: Iterable[Message], timeout: float | None = None) -> list[str]:
-        """Dispatch to the workers in parallel (each worker's messages in order); keep replies."""
+    def _deliver(self, msgs: list[Message], timeout: float | None) -> list[Message]:
+        """Dispatch to the workers in parallel (each worker's messages in order); gather the replies."""
         by_worker: dict[int, list[Message]] = {}
-        ids = []
-        for msg in messages:
-            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+        for msg in msgs:
             by_worker.setdefault(self.worker_of(msg.metadata.dst_node_id), []).append(msg)
-            ids.append(msg.metadata.message_id)
         deadline = time.monotonic() + (timeout or 3600.0)
         for i in by_worker:
             if not self.workers[i].alive():
                 self._restart(i)
-        jobs = [self._pool.submit(self._serve, i, msgs, deadline) for i, msgs in by_worker.items()]
-        for job in jobs:
-            for reply in job.result():
-                self._replies[reply.metadata.reply_to_message_id] = reply
-        return ids
+        jobs = [self._pool.submit(self._serve, i, batch, deadline) for i, batch in by_worker.items()]
+        return [reply for job in jobs for reply in job.result()]
 
     def _serve(self, i: int, msgs: list[Message], deadline: float) -> list[Message]:
         call = self.channels[i].unary_unary(f"/{SERVICE}/Handle")  # type: ignore[union-attr]
@@ -141,8 +112,6 @@ class WorkerGrid(Grid):
                 return out + [self._failed(i, m, exc) for m in msgs[k:]]
             proto = ProtoMessage()
             proto.ParseFromString(raw)
-            self.bytes_sent += len(data)
-            self.bytes_received += len(raw)
             out.append(message_from_proto(proto))
         return out
 
@@ -154,10 +123,3 @@ class WorkerGrid(Grid):
                   f"log tail:\n{w.log_tail(8)}")
         return Message(Error(code=NODE_UNAVAILABLE, reason=reason), reply_to=msg)
 
-    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
-        """Replies to the given message ids (those that have arrived)."""
-        return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        """Push and wait for every reply (or its error) within ``timeout`` seconds."""
-        return self.pull_messages(self.push_messages(messages, timeout))
