@@ -38,6 +38,7 @@ class FedsimStrategy(Strategy):
         sched = federation.scenario.lr_schedule
         self.uniform = sched is not None and sched.kind != "constant" and sched.weighting == "uniform"
         self.send_prev_update = sched is not None and sched.uses_cl
+        self.trainable = federation.trainable_mask()
         self.opt_state: dict = {}
         self.round_log: dict = {}
         self._global: dict[str, np.ndarray] = {}
@@ -59,8 +60,7 @@ class FedsimStrategy(Strategy):
         extra = self._round_extras()
         msgs = [self._message(MessageType.TRAIN, arrays, config, server_round, cid, node_of[cid], extra)
                 for cid in cids]
-        self.round_log = {"sampled": cids, "bytes_down": sum(message_nbytes(m) for m in msgs),
-                          "lr_sent": extra["lr"]}
+        self.round_log = {"sampled": cids, "bytes_down": sum(message_nbytes(m) for m in msgs)}
         return msgs
 
     def local_lr(self) -> float:
@@ -82,13 +82,13 @@ class FedsimStrategy(Strategy):
             extra["fedhyper-cl"] = True
             prev = fedhyper.previous_update(self.opt_state)
             if prev is not None:
-                names = [k for k, t in zip(self._global, self.fed.trainable_mask()) if t]
+                names = [k for k, t in zip(self._global, self.trainable) if t]
                 extra["prev_update"] = to_record({k: v.astype(np.float32) for k, v in zip(names, prev)})
         return extra
 
     def _message(self, mtype: str, arrays: ArrayRecord, config: ConfigRecord, server_round: int, cid: int,
-                 node: int, extra: dict | None = None) -> Message:
-        extra = dict(extra or {"lr": self.local_lr()})
+                 node: int, extra: dict) -> Message:
+        extra = dict(extra)
         prev = extra.pop("prev_update", None)
         cfg = config_record({**dict(config), "server-round": server_round, "client-id": cid,
                              "proximal-mu": self.proximal_mu, **extra})
@@ -151,7 +151,7 @@ class FedsimStrategy(Strategy):
         cids = self.fed.sample_clients(server_round)
         node_of = self._assign_nodes(cids, grid)
         self._exp = Expectation(server_round, node_of, {}, dict(enumerate(self.fed.client_sizes)), 1 << 20)
-        return [self._message(MessageType.EVALUATE, arrays, config, server_round, c, node_of[c]) for c in cids]
+        return [self._message(MessageType.EVALUATE, arrays, config, server_round, c, node_of[c], {}) for c in cids]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Example-weighted mean of the clients' local loss and accuracy."""
