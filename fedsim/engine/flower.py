@@ -162,9 +162,10 @@ def run(scenario: Scenario, out_dir: Path, *, progress: str = "auto", resume: bo
         sim = {"num_supernodes": nodes, "client_resources_num_cpus": eng.client_cpus,
                "client_resources_num_gpus": eng.client_gpus} if ray else None
         run_id = deployment.submit(client, run_config, simulation=sim)
-        outcome = deployment.wait(client, run_id, eng.run_timeout_s,
-                                  _tail_progress(out_dir, progress, scenario.federation.rounds))
-        log_text = deployment.logs(client, run_id)
+        show = (lambda line: None) if progress == "none" else _round_lines
+        with deployment.LogFollower(client, run_id, show) as follower:
+            outcome = deployment.wait(client, run_id, eng.run_timeout_s)
+        log_text = follower.text
         (out_dir / "logs").mkdir(exist_ok=True)
         (out_dir / "logs" / "serverapp.log").write_text(log_text)
         if remote:
@@ -186,19 +187,8 @@ def _ray_nodes(scenario: Scenario) -> int:
     return get_federation(scenario).num_clients
 
 
-def _tail_progress(out_dir: Path, mode: str, rounds: int):
-    """Show rounds as the ServerApp appends them to metrics.jsonl (same machine in local mode)."""
-    from fedsim.progress import RoundProgress
-    from fedsim.results import read_metrics
-
-    seen = {"n": 0}
-    bar = RoundProgress(rounds, "none" if mode == "none" else "log")
-
-    def poll() -> None:
-        if not (out_dir / "metrics.jsonl").exists():
-            return
-        rows = read_metrics(out_dir)
-        for row in rows[seen["n"]:]:
-            bar.update(row["round"], row)
-        seen["n"] = len(rows)
-    return poll
+def _round_lines(line: str) -> None:
+    """Echo the ServerApp's progress lines (round k/R, the partition summary) as they arrive."""
+    text = line.strip()
+    if text.startswith(("round ", "partition ")):
+        print(text, file=sys.stderr, flush=True)

@@ -9,6 +9,7 @@ polls the run status itself. Uses Flower internals listed in ``fedsim/flower/com
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -88,33 +89,55 @@ def submit(client, run_config: dict, simulation: dict | None = None) -> int:
     return int(client.StartRun(req).run_id)
 
 
-def wait(client, run_id: int, timeout_s: float, on_poll: Callable[[], None] = lambda: None,
-         interval_s: float = 1.0) -> RunOutcome:
+def wait(client, run_id: int, timeout_s: float, interval_s: float = 1.0) -> RunOutcome:
     """Poll the run status until it is finished (or ``timeout_s`` passes: status ``timeout``)."""
     from flwr.proto.control_pb2 import ListRunsRequest
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         status = client.ListRuns(ListRunsRequest(run_id=run_id)).run_dict[run_id].status
-        on_poll()
         if status.status == "finished":
             return RunOutcome(run_id, status.status, status.sub_status, status.details)
         time.sleep(interval_s)
     return RunOutcome(run_id, "timeout", "", f"the run did not finish within {timeout_s:.0f} s")
 
 
-def logs(client, run_id: int) -> str:
-    """Everything the ServerApp logged. Call once the run is finished: the SuperLink then sends
-    the whole log, ends the stream, and discards the log."""
-    from flwr.proto.control_pb2 import StreamLogsRequest
+class LogFollower:
+    """Streams a run's ServerApp log from its start, in a background thread, until the run ends.
 
-    parts = []
-    try:
-        for res in client.StreamLogs(StreamLogsRequest(run_id=run_id, after_timestamp=0.0)):
-            parts.append(res.log_output)
-    except Exception as exc:  # logs are a courtesy; the run status is what counts
-        parts.append(f"(could not fetch logs: {exc})")
-    return "".join(parts)
+    One stream must cover the whole run: once a run is finished the SuperLink sends what is
+    left, ends the stream and discards the log. ``on_line`` sees each complete line.
+    """
 
+    def __init__(self, client, run_id: int, on_line: Callable[[str], None] = lambda line: None):
+        self.client, self.run_id, self.on_line = client, run_id, on_line
+        self.parts: list[str] = []
+        self._pending = ""
+        self._thread = threading.Thread(target=self._follow, daemon=True, name="fedsim-log-follower")
 
+    def __enter__(self) -> "LogFollower":
+        self._thread.start()
+        return self
 
+    def __exit__(self, *exc: object) -> None:
+        self._thread.join(timeout=60)
+
+    def _follow(self) -> None:
+        from flwr.proto.control_pb2 import StreamLogsRequest
+
+        try:
+            for res in self.client.StreamLogs(StreamLogsRequest(run_id=self.run_id, after_timestamp=0.0)):
+                self._feed(res.log_output)
+        except Exception as exc:  # logs are a courtesy; the run status is what counts
+            self.parts.append(f"\n(log stream ended: {exc})\n")
+
+    def _feed(self, text: str) -> None:
+        self.parts.append(text)
+        *lines, self._pending = (self._pending + text).split("\n")
+        for line in lines:
+            self.on_line(line)
+
+    @property
+    def text(self) -> str:
+        """Everything received so far."""
+        return "".join(self.parts)
