@@ -10,6 +10,7 @@ round goes on with the replies it has.
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -117,8 +118,17 @@ class WorkerGrid(LocalGrid):
 
     def _failed(self, i: int, msg: Message, exc: grpc.RpcError) -> Message:
         w = self.workers[i]
-        what = "timed out" if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED else (
-            "died" if not w.alive() else f"failed ({exc.code().name})")
+        if exc.code() == grpc.StatusCode.UNAVAILABLE:
+            try:                      # a dying process may not be reaped yet when its socket closes
+                w.proc.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                pass
+        if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            what = "timed out"
+        elif not w.alive():
+            what = f"died (exit code {w.proc.returncode})"
+        else:
+            what = f"failed ({exc.code().name})"
         reason = (f"worker {i} ({w.device}) {what} while serving node {msg.metadata.dst_node_id}; "
                   f"log tail:\n{w.log_tail(8)}")
         return Message(Error(code=NODE_UNAVAILABLE, reason=reason), reply_to=msg)
