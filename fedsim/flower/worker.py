@@ -112,7 +112,8 @@ def load_client_app(ref: str):
 
 
 def _warm_up(run_config: dict) -> None:
-    """Load data and partition, and pay torch's one-off optimizer import, before round 1."""
+    """Load data and partition, pay torch's one-off optimizer import and (on a GPU) create the CUDA
+    context, before round 1."""
     import torch
 
     from fedsim.federation import get_federation
@@ -120,6 +121,9 @@ def _warm_up(run_config: dict) -> None:
 
     get_federation(scenario_from_config(run_config))
     torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0).zero_grad()
+    device = os.environ.get("FEDSIM_DEVICE", "cpu")
+    if device.startswith("cuda"):
+        torch.zeros(1, device=device)   # create the CUDA context now, not in round 1
 
 
 def _watch_parent(parent_pid: int, server: grpc.Server) -> None:
