@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -100,7 +101,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         console.print(f"{out} already holds a run; choose another --out or pass --overwrite", highlight=False)
         return EXIT_USAGE
     if args.overwrite:
-        (out / "metrics.jsonl").unlink(missing_ok=True)
+        clear_run_dir(out)
     try:
         summary = run_scenario(scn, out, progress="none" if args.quiet else "auto", resume=args.resume)
     except DataUnavailableError as exc:
@@ -114,6 +115,15 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     print(f"{scn.name}: {summary.get('rounds_completed')} rounds, final accuracy {acc_text}, "
           f"{summary.get('wall_s', 0):.1f}s -> {out}")
     return 0
+
+
+def clear_run_dir(out: Path) -> None:
+    """Remove what a previous run left (results, checkpoints, client state, logs), nothing else."""
+    for name in ("metrics.jsonl", "metrics.csv", "summary.json", "model.safetensors", "partition.json",
+                 "config.yaml"):
+        (out / name).unlink(missing_ok=True)
+    for sub in ("checkpoints", "client_state", "plots", "logs", "flwr"):
+        shutil.rmtree(out / sub, ignore_errors=True)
 
 
 def _report(args: argparse.Namespace, console: Console) -> int:

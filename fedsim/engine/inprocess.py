@@ -23,7 +23,7 @@ def run(scenario: Scenario, out_dir: Path, *, progress: str = "auto", resume: bo
     torch.set_num_threads(1)
     run_config = make_run_config(scenario, out_dir, progress, resume)
     num_nodes = get_federation(scenario).num_clients
-    run_inprocess(server_app, client_app, num_nodes, run_config)
+    run_inprocess(server_app, client_app, num_nodes, run_config, state_dir=out_dir / "client_state")
     return read_json(out_dir / "summary.json")
 
 

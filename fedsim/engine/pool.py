@@ -21,6 +21,8 @@ from fedsim.engine.devices import worker_env
 from fedsim.errors import RunError
 
 PORT_PREFIX = "FEDSIM_WORKER_PORT "
+#: The per-run secret a worker requires in the metadata of every call (given through its environment).
+TOKEN_ENV = "FEDSIM_WORKER_TOKEN"
 
 
 class WorkerStartError(RunError):
@@ -54,11 +56,11 @@ class WorkerProcess:
             return ""
 
 
-def start_worker(index: int, device: str, log_dir: Path, env: dict[str, str]) -> WorkerProcess:
-    """Start one worker process (not waiting for it)."""
+def start_worker(index: int, device: str, log_dir: Path, env: dict[str, str], token: str) -> WorkerProcess:
+    """Start one worker process (not waiting for it); it serves only callers that present ``token``."""
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"worker-{index}.log"
-    full_env = {**env, **worker_env(device), "FEDSIM_WORKER_INDEX": str(index)}
+    full_env = {**env, **worker_env(device), "FEDSIM_WORKER_INDEX": str(index), TOKEN_ENV: token}
     with open(log_path, "ab") as log:
         proc = subprocess.Popen([sys.executable, "-m", "fedsim.flower.worker", "--parent-pid", str(os.getpid())],
                                 stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, env=full_env,

@@ -43,7 +43,12 @@ class Expectation:
     specs: Mapping[str, tuple[tuple[int, ...], np.dtype]]   # array name -> (shape, dtype)
     sizes: Mapping[int, int]                     # client id -> examples the partition gave it
     max_bytes: int
+    required: tuple[str, ...] = ()               # metrics that must be finite scalars (>= 0 for *_s)
     seen: set[int] = field(default_factory=set)
+
+    def clients_of_node(self, node_id: int) -> list[int]:
+        """The clients this round sent to ``node_id`` (who an error reply from it concerns)."""
+        return sorted(c for c, n in self.node_of.items() if n == node_id)
 
 
 class ReplyError(ValueError):
@@ -56,13 +61,17 @@ def check_reply(msg: Message, exp: Expectation, *, with_arrays: bool = True) -> 
     nbytes = message_nbytes(msg)
     try:
         if msg.has_error():
-            raise ReplyError(f"client error: {msg.error.reason}")
+            clients = exp.clients_of_node(msg.metadata.src_node_id)
+            cid = clients[0] if len(clients) == 1 else None
+            who = "" if len(clients) == 1 else f" (node {msg.metadata.src_node_id}, clients {clients})"
+            raise ReplyError(f"client error{who}: {msg.error.reason}")
         if nbytes > exp.max_bytes:
             raise ReplyError(f"reply is {nbytes} bytes, more than the {exp.max_bytes} allowed")
         metrics = _metrics(msg)
         claimed = metrics.get("client-id")
         cid = claimed if isinstance(claimed, int) else None
         _check_origin(msg, metrics, exp)
+        _check_scalars(metrics, exp.required)
         arrays = _arrays(msg, exp) if with_arrays else []
         reported = metrics.get("num-examples")
         if not isinstance(reported, int) or reported <= 0:
@@ -72,6 +81,15 @@ def check_reply(msg: Message, exp: Expectation, *, with_arrays: bool = True) -> 
         return Rejected(cid, str(exc), nbytes)
     exp.seen.add(cid)
     return Accepted(cid, arrays, weight, metrics, nbytes)
+
+
+def _check_scalars(metrics: dict, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = metrics.get(name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+            raise ReplyError(f"metric '{name}' must be a finite number (got {value!r})")
+        if name.endswith("_s") and value < 0:
+            raise ReplyError(f"metric '{name}' must be >= 0 (got {value!r})")
 
 
 def _metrics(msg: Message) -> dict:

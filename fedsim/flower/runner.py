@@ -74,13 +74,14 @@ class ServerLoop:
         self.strategy = FedsimStrategy(self.fed)
         self.progress_mode = progress
         self.eval_model = self.fed.build_model()
-        self.totals = {"aggregate_s": 0.0}
+        self.stats = self.fed.stats()
+        self.totals = {"aggregate_s": 0.0, "wall_s": 0.0}    # carried over from a checkpoint on resume
 
     def run(self, grid: Grid) -> dict:
         """Train for ``federation.rounds`` rounds and write every result file."""
-        self._prepare()
         done, arrays, rows = self._restore() if self.resume else (0, self.fed.initial_arrays(), [])
-        start = time.perf_counter()
+        self._prepare()
+        start = time.perf_counter() - self.totals["wall_s"]
         with MetricsWriter(self.out, append=self.resume) as sink, \
                 RoundProgress(self.scn.federation.rounds, self.progress_mode) as bar:
             bar.note(self._partition_line() + (f"; resuming after round {done}" if done else ""))
@@ -89,8 +90,15 @@ class ServerLoop:
                 sink.write(row)
                 rows.append(row)
                 bar.update(rnd, row)
-                self._maybe_checkpoint(rnd, arrays)
-        return self._finish(rows, arrays, time.perf_counter() - start)
+                if not row["clients"]:
+                    bar.note(f"[yellow]round {rnd}: no client reply was accepted[/yellow] "
+                             f"({'; '.join(row.get('rejected_reasons', []))[:300]})")
+                self._maybe_checkpoint(rnd, arrays, time.perf_counter() - start)
+        summary = self._finish(rows, arrays, time.perf_counter() - start)
+        if rows and not any(r["clients"] for r in rows):
+            raise RunError(f"no client reply was accepted in any round; the reasons are in {self.out}/metrics.jsonl "
+                           "(rejected_reasons)")
+        return summary
 
     def _restore(self) -> tuple[int, dict[str, np.ndarray], list[dict]]:
         """The latest checkpoint: its round, model and server-optimizer state; later metric rows are dropped."""
@@ -104,6 +112,7 @@ class ServerLoop:
                 raise ResumeError(f"cannot resume {self.out}: its {key} differs from this scenario's "
                                   "(the data, model or settings changed); start a new run instead")
         done = int(meta["round"])
+        self.totals.update(wall_s=float(meta.get("wall_s", 0.0)), aggregate_s=float(meta.get("aggregate_s", 0.0)))
         loaded = {k.removeprefix("model."): v.numpy() for k, v in tensors.items() if k.startswith("model.")}
         order = list(self.fed.initial_arrays())          # safetensors sorts names; the model's order matters
         if sorted(order) != sorted(loaded):
@@ -120,7 +129,6 @@ class ServerLoop:
     def _prepare(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.yaml").write_text(to_yaml(self.scn), encoding="utf-8")
-        self.stats = self.fed.stats()
         write_json(self.out / "partition.json", self.stats)
 
     def _partition_line(self) -> str:
@@ -162,22 +170,24 @@ class ServerLoop:
                        device="cuda" if torch.cuda.is_available() else "cpu")
         return {"eval_accuracy": out["accuracy"], "eval_loss": out["loss"]}
 
-    def _maybe_checkpoint(self, rnd: int, arrays: dict[str, np.ndarray]) -> None:
+    def _maybe_checkpoint(self, rnd: int, arrays: dict[str, np.ndarray], wall_s: float) -> None:
         every = self.scn.output.checkpoint_every
         if every and rnd % every == 0:
             tensors = {f"model.{k}": torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
             tensors.update({f"server_opt.{k}": torch.from_numpy(v)
                             for k, v in state_to_arrays(self.strategy.opt_state).items()})
-            save_checkpoint(self.out / "checkpoints" / f"round-{rnd:05d}.safetensors", tensors, self._meta(rnd))
+            save_checkpoint(self.out / "checkpoints" / f"round-{rnd:05d}.safetensors", tensors,
+                            self._meta(rnd, wall_s))
 
-    def _meta(self, rnd: int) -> dict[str, str]:
-        return {"round": str(rnd), "config_sha256": config_sha256(self.scn),
+    def _meta(self, rnd: int, wall_s: float) -> dict[str, str]:
+        return {"round": str(rnd), "config_sha256": config_sha256(self.scn), "wall_s": repr(wall_s),
+                "aggregate_s": repr(self.totals["aggregate_s"]),
                 "trajectory_sha256": config_sha256(self.scn, any_rounds=True), "fedsim_version": fedsim.__version__,
                 "partition_fingerprint": self.stats["fingerprint"]}
 
     def _finish(self, rows: list[dict], arrays: dict[str, np.ndarray], wall_s: float) -> dict:
         tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
-        save_checkpoint(self.out / "model.safetensors", tensors, self._meta(len(rows)))
+        save_checkpoint(self.out / "model.safetensors", tensors, self._meta(len(rows), wall_s))
         summary = build_summary(rows, name=self.scn.name, seed=self.scn.seed, config_sha256=config_sha256(self.scn),
                                 engine=self.scn.engine.kind, wall_s=wall_s, aggregate_s=self.totals["aggregate_s"],
                                 fedsim_version=fedsim.__version__,

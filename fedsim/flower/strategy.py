@@ -26,6 +26,9 @@ from fedsim.flower.replies import Accepted, Expectation, Rejected, check_reply
 
 #: A reply may be at most this many times the size of the global model (plus 1 MiB of slack).
 REPLY_SIZE_FACTOR = 4
+#: Metrics a reply must carry as finite numbers, per stage.
+TRAIN_METRICS = ("train_loss", "compute_s", "lr_local")
+EVALUATE_METRICS = ("eval_loss", "eval_accuracy")
 
 
 class FedsimStrategy(Strategy):
@@ -56,7 +59,7 @@ class FedsimStrategy(Strategy):
         specs = {k: (v.shape, v.dtype) for k, v in self._global.items()}
         model_bytes = sum(v.nbytes for v in self._global.values())
         self._exp = Expectation(server_round, node_of, specs, dict(enumerate(self.fed.client_sizes)),
-                                REPLY_SIZE_FACTOR * model_bytes + (1 << 20))
+                                REPLY_SIZE_FACTOR * model_bytes + (1 << 20), TRAIN_METRICS)
         extra = self._round_extras()
         msgs = [self._message(MessageType.TRAIN, arrays, config, server_round, cid, node_of[cid], extra)
                 for cid in cids]
@@ -115,6 +118,7 @@ class FedsimStrategy(Strategy):
         self.round_log.update(rejected=[(r.cid, r.reason) for r in bad], bytes_up=sum(r.nbytes for r in results))
         metrics = self._train_metrics(ok, bad)
         if not ok:
+            metrics["lr_global"] = self.global_lr()
             return None, MetricRecord(metrics)
         start = time.perf_counter()
         params = list(self._global.values())
@@ -131,11 +135,11 @@ class FedsimStrategy(Strategy):
     @staticmethod
     def _train_metrics(ok: list[Accepted], bad: list[Rejected]) -> dict:
         weights = np.array([r.weight for r in ok], dtype=np.float64)
-        losses = np.array([float(r.metrics.get("train_loss", np.nan)) for r in ok], dtype=np.float64)
+        losses = np.array([float(r.metrics["train_loss"]) for r in ok], dtype=np.float64)
         loss = float((weights * losses).sum() / weights.sum()) if ok else float("nan")
-        lrs = [float(r.metrics["lr_local"]) for r in ok if isinstance(r.metrics.get("lr_local"), (int, float))]
+        lrs = [float(r.metrics["lr_local"]) for r in ok]
         out = {"clients": len(ok), "rejected": len(bad), "train_loss": loss,
-               "client_compute_s": float(sum(float(r.metrics.get("compute_s", 0.0)) for r in ok))}
+               "client_compute_s": float(sum(float(r.metrics["compute_s"]) for r in ok))}
         if lrs:
             out.update(lr_local_mean=float(np.mean(lrs)), lr_local_min=min(lrs), lr_local_max=max(lrs))
         return out
@@ -150,7 +154,8 @@ class FedsimStrategy(Strategy):
             return []
         cids = self.fed.sample_clients(server_round)
         node_of = self._assign_nodes(cids, grid)
-        self._exp = Expectation(server_round, node_of, {}, dict(enumerate(self.fed.client_sizes)), 1 << 20)
+        self._exp = Expectation(server_round, node_of, {}, dict(enumerate(self.fed.client_sizes)), 1 << 20,
+                                EVALUATE_METRICS)
         return [self._message(MessageType.EVALUATE, arrays, config, server_round, c, node_of[c], {}) for c in cids]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:

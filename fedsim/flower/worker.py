@@ -3,7 +3,8 @@
 Started by ``fedsim.engine.pool`` as ``python -m fedsim.flower.worker``. It keeps the
 model code, data and (on a GPU) the CUDA context warm across rounds, serves many
 virtual clients one message at a time, and keeps each node's ``context.state`` in a
-file under the run directory (mode 0600), so client state survives worker restarts.
+file under the run directory (mode 0600, ``fedsim.flower.state_store``), so client state
+survives worker restarts. It serves only the server that started it (a per-run token).
 
 RPCs (raw bytes, no code generation, never pickle):
 - ``/fedsim.Worker/Configure``: JSON ``{"run_config": {...}, "state_dir": str, "run_id": int}``.
@@ -13,6 +14,7 @@ RPCs (raw bytes, no code generation, never pickle):
 from __future__ import annotations
 
 import argparse
+import hmac
 import importlib
 import json
 import os
@@ -26,7 +28,12 @@ from types import MappingProxyType
 
 import grpc
 
+from fedsim.engine.pool import PORT_PREFIX, TOKEN_ENV
+from fedsim.flower.state_store import load_state, save_state
+
 SERVICE = "fedsim.Worker"
+#: gRPC metadata key carrying the per-run worker token.
+TOKEN_HEADER = "x-fedsim-token"
 #: Run-config key naming the ClientApp a worker serves (``module:attribute``).
 CLIENT_APP_KEY = "fedsim.client-app"
 DEFAULT_CLIENT_APP = "clients.app:app"
@@ -44,7 +51,10 @@ class WorkerService:
         self.contexts: dict[int, object] = {}
         self.client_app = None
 
-    def configure(self, request: bytes, _ctx: grpc.ServicerContext) -> bytes:
+    def configure(self, request: bytes, ctx: grpc.ServicerContext) -> bytes:
+        self._authorize(ctx)
+        if self.client_app is not None:
+            ctx.abort(grpc.StatusCode.FAILED_PRECONDITION, "this worker is already configured for a run")
         cfg = json.loads(request)
         self.run_config, self.run_id = cfg["run_config"], int(cfg.get("run_id", 1))
         self.state_dir = Path(cfg["state_dir"]) if cfg.get("state_dir") else None
@@ -52,7 +62,16 @@ class WorkerService:
         _warm_up(self.run_config)
         return b"ok"
 
-    def handle(self, request: bytes, _ctx: grpc.ServicerContext) -> bytes:
+    def _authorize(self, ctx: grpc.ServicerContext) -> None:
+        """Serve only the server that started us: it passed a per-run token in our environment."""
+        given = dict(ctx.invocation_metadata()).get(TOKEN_HEADER, "")
+        if not hmac.compare_digest(given, os.environ.get(TOKEN_ENV, "")) or not given:
+            ctx.abort(grpc.StatusCode.PERMISSION_DENIED, "missing or wrong worker token")
+
+    def handle(self, request: bytes, ctx: grpc.ServicerContext) -> bytes:
+        self._authorize(ctx)
+        if self.client_app is None:
+            ctx.abort(grpc.StatusCode.FAILED_PRECONDITION, "worker not configured")
         from flwr.app import Error, Message
         from flwr.common.serde import message_from_proto, message_to_proto
         from flwr.proto.message_pb2 import Message as ProtoMessage
@@ -65,44 +84,17 @@ class WorkerService:
             reply = self.client_app(msg, context)  # type: ignore[misc]
         except Exception as exc:  # becomes an error reply, like a crashing ClientApp in Flower's runtimes
             reply = Message(Error(code=1, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
-        self._save_state(msg.metadata.dst_node_id, context)
+        save_state(self.state_dir, msg.metadata.dst_node_id, context.state)
         return message_to_proto(reply).SerializeToString()
 
     def _context(self, node_id: int):
-        from flwr.app import Context, RecordDict
+        from flwr.app import Context
 
         if node_id not in self.contexts:
             self.contexts[node_id] = Context(run_id=self.run_id, node_id=node_id, node_config={},
-                                             state=self._load_state(node_id) or RecordDict(),
+                                             state=load_state(self.state_dir, node_id),
                                              run_config=MappingProxyType(self.run_config))  # type: ignore[arg-type]
         return self.contexts[node_id]
-
-    def _state_path(self, node_id: int) -> Path | None:
-        return self.state_dir / f"node-{node_id}.pb" if self.state_dir else None
-
-    def _load_state(self, node_id: int):
-        from flwr.common.serde import recorddict_from_proto
-        from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
-
-        path = self._state_path(node_id)
-        if path is None or not path.exists():
-            return None
-        proto = ProtoRecordDict()
-        proto.ParseFromString(path.read_bytes())
-        return recorddict_from_proto(proto)
-
-    def _save_state(self, node_id: int, context) -> None:
-        from flwr.common.serde import recorddict_to_proto
-
-        path = self._state_path(node_id)
-        if path is None or not len(context.state):
-            return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(recorddict_to_proto(context.state).SerializeToString())
-        os.replace(tmp, path)
 
 
 def load_client_app(ref: str):
@@ -154,8 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: server.stop(grace=1))
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the server process decides when workers stop
     threading.Thread(target=_watch_parent, args=(args.parent_pid, server), daemon=True).start()
-    from fedsim.engine.pool import PORT_PREFIX
     print(f"{PORT_PREFIX}{port}", flush=True)
+    os.dup2(2, 1)   # nobody reads our stdout after the port line: later prints go to the log
     server.wait_for_termination()
     return 0
 

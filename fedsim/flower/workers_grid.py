@@ -10,6 +10,7 @@ round goes on with the replies it has.
 from __future__ import annotations
 
 import json
+import secrets
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,9 +21,9 @@ from flwr.app import Error, Message
 from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.proto.message_pb2 import Message as ProtoMessage
 
-from fedsim.engine.pool import WorkerProcess, start_worker, stop_workers, wait_ready
+from fedsim.engine.pool import WorkerProcess, WorkerStartError, start_worker, stop_workers, wait_ready
 from fedsim.flower.grid_base import NODE_ID_BASE, LocalGrid
-from fedsim.flower.worker import GRPC_OPTIONS, SERVICE
+from fedsim.flower.worker import GRPC_OPTIONS, SERVICE, TOKEN_HEADER
 
 #: Flower's ErrorCode.NODE_UNAVAILABLE.
 NODE_UNAVAILABLE = 3
@@ -38,25 +39,42 @@ class WorkerGrid(LocalGrid):
         self.devices = devices
         self.run_config, self.run_dir, self.env = run_config, run_dir, env
         self.start_timeout_s = start_timeout_s
+        self.token = secrets.token_hex(16)                 # workers serve only the server that started them
+        self._auth = ((TOKEN_HEADER, self.token),)
+        self._stale: set[int] = set()                      # workers still busy with a timed-out message
         self.workers: list[WorkerProcess] = []
         self.channels: list[grpc.Channel | None] = []
         self._pool = ThreadPoolExecutor(max_workers=max(1, len(devices)), thread_name_prefix="fedsim-dispatch")
 
     # ------------------------------------------------------------- lifecycle
     def start(self) -> "WorkerGrid":
-        """Start every worker, wait until all listen, and send them the run config."""
-        self.workers = [start_worker(i, dev, self.run_dir / "logs", self.env) for i, dev in enumerate(self.devices)]
-        self.channels = [None] * len(self.workers)
-        wait_ready(self.workers, self.start_timeout_s)
-        list(self._pool.map(self._connect, range(len(self.workers))))   # workers load data in parallel
+        """Start every worker, wait until all listen, and send them the run config.
+
+        On any failure (or Ctrl-C) every worker started so far is stopped before the error propagates.
+        """
+        try:
+            self.workers = [start_worker(i, dev, self.run_dir / "logs", self.env, self.token)
+                            for i, dev in enumerate(self.devices)]
+            self.channels = [None] * len(self.workers)
+            wait_ready(self.workers, self.start_timeout_s)
+            list(self._pool.map(self._connect, range(len(self.workers))))   # workers load data in parallel
+        except BaseException:
+            self.close()
+            raise
         return self
 
     def _connect(self, i: int) -> None:
-        channel = grpc.insecure_channel(self.workers[i].address, options=GRPC_OPTIONS)
-        grpc.channel_ready_future(channel).result(timeout=self.start_timeout_s)
-        body = json.dumps({"run_config": dict(self.run_config), "state_dir": str(self.run_dir / "client_state")})
-        channel.unary_unary(f"/{SERVICE}/Configure")(body.encode(), timeout=self.start_timeout_s)
+        w = self.workers[i]
+        channel = grpc.insecure_channel(w.address, options=GRPC_OPTIONS)
         self.channels[i] = channel
+        body = json.dumps({"run_config": dict(self.run_config), "state_dir": str(self.run_dir / "client_state")})
+        try:
+            grpc.channel_ready_future(channel).result(timeout=self.start_timeout_s)
+            channel.unary_unary(f"/{SERVICE}/Configure")(body.encode(), timeout=self.start_timeout_s,
+                                                         metadata=self._auth)
+        except (grpc.RpcError, grpc.FutureTimeoutError) as exc:
+            raise WorkerStartError(f"client worker {i} ({w.device}) did not accept the run: {exc}\n"
+                                   f"its log ({w.log_path}):\n{w.log_tail()}") from None
 
     def _restart(self, i: int) -> None:
         old = self.workers[i]
@@ -65,7 +83,7 @@ class WorkerGrid(LocalGrid):
         if self.channels[i] is not None:
             self.channels[i].close()  # type: ignore[union-attr]
         stop_workers([old])
-        new = start_worker(i, old.device, self.run_dir / "logs", self.env)
+        new = start_worker(i, old.device, self.run_dir / "logs", self.env, self.token)
         new.restarts = old.restarts + 1
         self.workers[i] = new
         wait_ready([new], self.start_timeout_s)
@@ -97,7 +115,8 @@ class WorkerGrid(LocalGrid):
             by_worker.setdefault(self.worker_of(msg.metadata.dst_node_id), []).append(msg)
         deadline = time.monotonic() + (timeout or 3600.0)
         for i in by_worker:
-            if not self.workers[i].alive():
+            if not self.workers[i].alive() or i in self._stale:
+                self._stale.discard(i)
                 self._restart(i)
         jobs = [self._pool.submit(self._serve, i, batch, deadline) for i, batch in by_worker.items()]
         return [reply for job in jobs for reply in job.result()]
@@ -108,7 +127,7 @@ class WorkerGrid(LocalGrid):
         for k, msg in enumerate(msgs):
             data = message_to_proto(msg).SerializeToString()
             try:
-                raw = call(data, timeout=max(0.001, deadline - time.monotonic()))
+                raw = call(data, timeout=max(0.001, deadline - time.monotonic()), metadata=self._auth)
             except grpc.RpcError as exc:
                 return out + [self._failed(i, m, exc) for m in msgs[k:]]
             proto = ProtoMessage()
@@ -124,12 +143,13 @@ class WorkerGrid(LocalGrid):
             except subprocess.TimeoutExpired:
                 pass
         if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            self._stale.add(i)        # it may still be training: restart it before it serves again
             what = "timed out"
         elif not w.alive():
             what = f"died (exit code {w.proc.returncode})"
         else:
             what = f"failed ({exc.code().name})"
-        reason = (f"worker {i} ({w.device}) {what} while serving node {msg.metadata.dst_node_id}; "
+        reason = (f"worker {i} ({w.device}) {what} while serving client {msg.metadata.dst_node_id - NODE_ID_BASE}; "
                   f"log tail:\n{w.log_tail(8)}")
         return Message(Error(code=NODE_UNAVAILABLE, reason=reason), reply_to=msg)
 

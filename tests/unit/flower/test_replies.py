@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedsim.flower.client import handle_train
@@ -37,7 +37,12 @@ def _corrupt(msg: Message, reply: Message, how: str) -> Message:
         metrics["num-examples"] = -5
     elif how == "huge_weight":
         metrics["num-examples"] = 10 ** 12
-    return Message(RecordDict({"arrays": to_record(arrays), "metrics": metric_record(metrics)}),
+    elif how == "loss_list":
+        metrics["train_loss"] = [1.0, 2.0]
+    elif how == "negative_time":
+        metrics["compute_s"] = -1.0
+    record = MetricRecord({k: v for k, v in metrics.items()})
+    return Message(RecordDict({"arrays": to_record(arrays), "metrics": record}),
                    reply_to=msg)
 
 
@@ -68,7 +73,8 @@ ALL_CLIENTS = "clients_per_round: 3"
 
 @pytest.mark.parametrize("how,reason", [("nan", "NaN"), ("shape", "expected float32"), ("dtype", "float64"),
                                         ("missing", "missing"), ("round", "not 1"), ("weight", "positive integer"),
-                                        ("raise", "client exploded")])
+                                        ("raise", "client exploded"), ("loss_list", "'train_loss' must be a finite"),
+                                        ("negative_time", "'compute_s' must be >= 0")])
 def test_bad_reply_rejected_round_continues(tmp_path, tiny_yaml, how, reason):
     scn = parse_scenario(tiny_yaml)
     from fedsim.federation import get_federation
@@ -76,8 +82,7 @@ def test_bad_reply_rejected_round_continues(tmp_path, tiny_yaml, how, reason):
     loop, rows = run_with(misbehaving_app({victim: how}), tiny_yaml, tmp_path)
     assert rows[0]["rejected"] >= 1 and rows[0]["clients"] == 3 - rows[0]["rejected"]
     assert any(reason in r for r in rows[0]["rejected_reasons"]), rows[0]["rejected_reasons"]
-    if how != "raise":   # an error reply carries no client id; every other reply names its client
-        assert rows[0]["rejected_reasons"][0].startswith(f"client {victim}:")
+    assert rows[0]["rejected_reasons"][0].startswith(f"client {victim}:")   # error replies too (by node)
     assert len(rows) == 3 and all(np.isfinite(r["eval_loss"]) for r in rows)
 
 
@@ -95,8 +100,11 @@ def test_client_reported_weight_is_clamped_to_its_partition(tmp_path, tiny_yaml)
     assert a == b
 
 
-def test_no_accepted_reply_keeps_the_model(tmp_path, tiny_yaml):
+def test_no_accepted_reply_keeps_the_model_and_fails_the_run(tmp_path, tiny_yaml):
+    from fedsim.errors import RunError
     text = tiny_yaml.replace("rounds: 3", "rounds: 2")
-    loop, rows = run_with(misbehaving_app({c: "raise" for c in range(6)}), text, tmp_path)
-    assert [r["clients"] for r in rows] == [0, 0]
+    with pytest.raises(RunError, match="no client reply was accepted in any round"):
+        run_with(misbehaving_app({c: "raise" for c in range(6)}), text, tmp_path)
+    rows = read_metrics(tmp_path)
+    assert [r["clients"] for r in rows] == [0, 0] and all("lr_global" in r for r in rows)
     assert rows[0]["eval_loss"] == rows[1]["eval_loss"]

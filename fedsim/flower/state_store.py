@@ -1,0 +1,42 @@
+"""Per-node client state (``context.state``) on disk, so it outlives processes and resumes.
+
+One file per node, ``node-<id>.pb``: Flower's own RecordDict protobuf (never pickle),
+written atomically with mode 0600 (it may hold private data, e.g. DiceSGD's error buffer).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from flwr.app import RecordDict
+from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
+from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
+
+
+def state_path(state_dir: Path, node_id: int) -> Path:
+    """Where node ``node_id``'s state lives."""
+    return Path(state_dir) / f"node-{node_id}.pb"
+
+
+def load_state(state_dir: Path | None, node_id: int) -> RecordDict:
+    """The saved state of a node (empty when there is none)."""
+    path = state_path(state_dir, node_id) if state_dir else None
+    if path is None or not path.exists():
+        return RecordDict()
+    proto = ProtoRecordDict()
+    proto.ParseFromString(path.read_bytes())
+    return recorddict_from_proto(proto)
+
+
+def save_state(state_dir: Path | None, node_id: int, state: RecordDict) -> None:
+    """Write a node's state (nothing when it is empty), atomically, readable by the owner only."""
+    if state_dir is None or not len(state):
+        return
+    path = state_path(state_dir, node_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(recorddict_to_proto(state).SerializeToString())
+    os.replace(tmp, path)
