@@ -1,10 +1,12 @@
 """Flower ClientApp entry point (``clients.app:app``): a message in, fedsim local work, a reply out."""
 
+import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedsim.flower.client import handle_evaluate, handle_train
 
+torch.set_num_threads(1)   # every engine trains single-threaded per client process: same kernels, same numbers
 app = ClientApp()
 
 

@@ -89,6 +89,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     from fedsim.data import DataUnavailableError
     from fedsim.engine import run_scenario
     from fedsim.errors import RunError
+    from fedsim.scenario import ScenarioError
 
     scn = _load(args.scenario, args.overrides, console)
     if scn is None:
@@ -106,6 +107,9 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         summary = run_scenario(scn, out, progress="none" if args.quiet else "auto", resume=args.resume)
     except DataUnavailableError as exc:
         console.print(f"data set unavailable: {exc}", highlight=False, markup=False)
+        return EXIT_USAGE
+    except ScenarioError as exc:     # found only once the data is loaded (sizes, natural ids, devices)
+        console.print(str(exc), highlight=False, markup=False)
         return EXIT_USAGE
     except RunError as exc:
         console.print(f"run failed: {exc}", highlight=False, markup=False)

@@ -26,7 +26,7 @@ from fedsim.algorithms import fedhyper
 from fedsim.algorithms.aggregate import ServerOptimizer, server_optimizer
 from fedsim.data import Dataset, load_dataset, make_partition, partition_stats
 from fedsim.models import build_model
-from fedsim.scenario import Scenario, config_sha256
+from fedsim.scenario import Scenario, ScenarioError, config_sha256
 from fedsim.seeding import derive_seed, numpy_rng
 
 
@@ -39,10 +39,13 @@ class Federation:
         self.dataset: Dataset = load_dataset(data.dataset, root=data.root, cache_dir=data.cache_dir,
                                              test_fraction=data.test_fraction, seed=scenario.seed, **data.options)
         params = data.partition.model_dump(exclude={"kind", "num_clients"})
-        self.partition = make_partition(data.partition.kind, labels=self.dataset.y_train,
-                                        num_clients=data.partition.num_clients,
-                                        rng=numpy_rng(scenario.seed, "partition"),
-                                        ids=self.dataset.train_ids, **params)
+        try:
+            self.partition = make_partition(data.partition.kind, labels=self.dataset.y_train,
+                                            num_clients=data.partition.num_clients,
+                                            rng=numpy_rng(scenario.seed, "partition"),
+                                            ids=self.dataset.train_ids, **params)
+        except ValueError as exc:   # the data cannot be split as asked: a scenario problem, not a crash
+            raise ScenarioError(f"scenario '{scenario.name}'", [f"data.partition: {exc}"]) from None
         self.num_clients = len(self.partition.indices)
         self.client_sizes = [int(len(ix)) for ix in self.partition.indices]
         self.cohort_size = self._cohort_size()
@@ -51,8 +54,9 @@ class Federation:
         fed = self.scenario.federation
         if fed.clients_per_round is not None:
             if fed.clients_per_round > self.num_clients:
-                raise ValueError(f"federation.clients_per_round ({fed.clients_per_round}) is more than the "
-                                 f"{self.num_clients} clients the partition produced")
+                raise ScenarioError(f"scenario '{self.scenario.name}'", [
+                    f"federation.clients_per_round: {fed.clients_per_round} is more than the "
+                    f"{self.num_clients} clients the partition produced"])
             return fed.clients_per_round
         if fed.fraction is not None:
             return max(1, math.ceil(fed.fraction * self.num_clients - 1e-9))

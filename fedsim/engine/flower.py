@@ -168,11 +168,14 @@ def run(scenario: Scenario, out_dir: Path, *, progress: str = "auto", resume: bo
         log_text = follower.text
         (out_dir / "logs").mkdir(exist_ok=True)
         (out_dir / "logs" / "serverapp.log").write_text(log_text)
-        if remote:
-            bundle.unpack(log_text, out_dir)
     if not outcome.ok:
         raise FlowerRunError(f"Flower run {run_id} ended {outcome.status}:{outcome.sub_status} {outcome.details}\n"
                              f"ServerApp log tail:\n{log_text[-2000:]}")
+    if remote:
+        try:
+            bundle.unpack(log_text, out_dir)
+        except ValueError as exc:
+            raise FlowerRunError(f"run {run_id} finished, but its results could not be read from the log: {exc}")
     return read_json(out_dir / "summary.json")
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from fedsim.engine.devices import plan_workers
 from fedsim.federation import get_federation
 from fedsim.results import read_json
-from fedsim.scenario import Scenario
+from fedsim.scenario import Scenario, ScenarioError
 
 
 def run(scenario: Scenario, out_dir: Path, *, progress: str = "auto", resume: bool = False) -> dict:
@@ -24,7 +24,10 @@ def run(scenario: Scenario, out_dir: Path, *, progress: str = "auto", resume: bo
     check_version()
     torch.set_num_threads(1)
     eng = scenario.engine
-    devices = plan_workers(eng.devices, workers=eng.workers, workers_per_device=eng.workers_per_device)
+    try:
+        devices = plan_workers(eng.devices, workers=eng.workers, workers_per_device=eng.workers_per_device)
+    except ValueError as exc:
+        raise ScenarioError(f"scenario '{scenario.name}'", [f"engine.devices: {exc}"]) from None
     run_config = make_run_config(scenario, out_dir, progress, resume)
     num_nodes = get_federation(scenario).num_clients
     out_dir.mkdir(parents=True, exist_ok=True)

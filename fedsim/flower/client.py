@@ -15,7 +15,7 @@ from flwr.app import Context, Message, RecordDict
 from fedsim.algorithms.fedhyper import FedHyperClient
 from fedsim.federation import get_federation
 from fedsim.flower.codec import config_record, from_record, metric_record, scenario_from_config, to_record
-from fedsim.seeding import torch_generator
+from fedsim.seeding import derive_seed, torch_generator
 from fedsim.train import evaluate, local_train
 
 
@@ -52,11 +52,13 @@ def handle_train(msg: Message, context: Context) -> Message:
     x, y = fed.client_data(cid)
     local, lr, device = scn.federation.local, float(cfg["lr"]), client_device()
     cl = _cl_rule(msg, fed, model.to(device), lr) if cfg.get("fedhyper-cl") else None
-    out = local_train(model, x, y, epochs=local.epochs, steps=local.steps, batch_size=local.batch_size,
-                      optimizer=local.optimizer, lr=lr, momentum=local.momentum,
-                      weight_decay=local.weight_decay, proximal_mu=float(cfg.get("proximal-mu", 0.0)),
-                      generator=torch_generator(scn.seed, "train", rnd, cid), device=device,
-                      on_epoch=cl.start_epoch if cl else None, on_step=cl.after_step if cl else None)
+    with torch.random.fork_rng(devices=[]):      # dropout & co. draw from (seed, round, client), not history
+        torch.manual_seed(derive_seed(scn.seed, "train-rng", rnd, cid))
+        out = local_train(model, x, y, epochs=local.epochs, steps=local.steps, batch_size=local.batch_size,
+                          optimizer=local.optimizer, lr=lr, momentum=local.momentum,
+                          weight_decay=local.weight_decay, proximal_mu=float(cfg.get("proximal-mu", 0.0)),
+                          generator=torch_generator(scn.seed, "train", rnd, cid), device=device,
+                          on_epoch=cl.start_epoch if cl else None, on_step=cl.after_step if cl else None)
     arrays = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
     metrics = {"num-examples": out["num_examples"], "train_loss": out["train_loss"], "steps": out["steps"],
                "compute_s": time.perf_counter() - start, "client-id": cid, "server-round": rnd,

@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import base64
+import binascii
 import io
 import zipfile
 from pathlib import Path, PurePosixPath
@@ -46,11 +47,23 @@ def unpack(log_text: str, out_dir: Path) -> list[str]:
     if start < 0 or end < start:
         return []
     payload = "".join(line.strip() for line in log_text[start + len(BEGIN):end].splitlines())
-    data = base64.b64decode(payload, validate=True)
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except binascii.Error as exc:
+        raise ValueError(f"result bundle is not valid base64: {exc}") from None
     if len(data) > MAX_BYTES:
         raise ValueError(f"result bundle is {len(data)} bytes, more than {MAX_BYTES}")
+    try:
+        return _extract(data, out_dir)
+    except zipfile.BadZipFile as exc:
+        raise ValueError(f"result bundle is not a valid zip: {exc}") from None
+
+
+def _extract(data: bytes, out_dir: Path) -> list[str]:
     written = []
     with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        if sum(info.file_size for info in zf.infolist()) > MAX_BYTES:
+            raise ValueError(f"result bundle expands to more than {MAX_BYTES} bytes")
         for info in zf.infolist():
             name = PurePosixPath(info.filename)
             if name.is_absolute() or ".." in name.parts or str(name) not in _allowed(name):

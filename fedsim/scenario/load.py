@@ -221,9 +221,11 @@ def cross_check(raw: dict) -> list[str]:
                              ("federation.local", _section(fed, "local"), "epochs", "steps")):
         if node.get(a) is not None and node.get(b) is not None:
             problems.append(f"{path}: {either_or_message(a, b)}")
-    schedule, strategy = raw.get("lr_schedule"), _section(raw, "strategy").get("name", "fedavg")
-    if isinstance(schedule, dict) and isinstance(strategy, str):
-        problems += [m for m in [check_schedule_strategy(schedule.get("kind", "fedhyper"), strategy)] if m]
+    schedule, strategy = raw.get("lr_schedule"), _section(raw, "strategy")
+    if isinstance(schedule, dict) and isinstance(strategy.get("name", "fedavg"), str):
+        problem = check_schedule_strategy(schedule.get("kind", "fedhyper"), strategy.get("name", "fedavg"),
+                                          strategy.get("server_lr", 1.0))
+        problems += [problem] if problem else []
     n, k = _section(data, "partition").get("num_clients"), fed.get("clients_per_round")
     if isinstance(n, int) and isinstance(k, int) and not isinstance(k, bool) and 0 < n < k:
         problems.append(f"federation.clients_per_round: {k} is more than data.partition.num_clients ({n})")

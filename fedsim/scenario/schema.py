@@ -7,9 +7,10 @@ Sections reserved for later capabilities (``lr_schedule``, ``privacy``, ``lora``
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -33,7 +34,7 @@ def either_or_message(a: str, b: str) -> str:
 class Section(BaseModel):
     """Base of every section: unknown keys are errors, values are validated on assignment."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------- data
@@ -215,7 +216,7 @@ class EngineConfig(Section):
     ``--set engine.kind=...`` switches engines without editing the file."""
 
     kind: Literal["inprocess", "workers", "flower", "ray"] = "workers"
-    devices: Union[Literal["auto", "cpu"], list[Annotated[str, Field(pattern=r"^(cpu|cuda(:[0-9]+)?)$")]]] = "auto"
+    devices: Union[str, list[str]] = "auto"
     workers: PositiveInt | None = None
     workers_per_device: PositiveInt = 1
     start_timeout_s: PositiveFloat = 120.0
@@ -225,6 +226,18 @@ class EngineConfig(Section):
     run_timeout_s: PositiveFloat = 7200.0
     client_cpus: PositiveFloat = 1.0
     client_gpus: NonNegFloat = 0.0
+
+    @field_validator("devices")
+    @classmethod
+    def _devices(cls, value: Union[str, list[str]]) -> Union[str, list[str]]:
+        if isinstance(value, str) and value in ("auto", "cpu"):
+            return value
+        if isinstance(value, str) and re.fullmatch(r"cuda(:[0-9]+)?", value):
+            return [value]
+        bad = [d for d in ([value] if isinstance(value, str) else value) if not re.fullmatch(r"cpu|cuda(:[0-9]+)?", d)]
+        if bad or isinstance(value, str) or not value:
+            raise ValueError(f"use auto, cpu, or a list like [cuda:0, cuda:1] (not {bad or value!r})")
+        return value
 
 
 class OutputConfig(Section):
@@ -254,9 +267,14 @@ class Scenario(Section):
 UNION_TAGS: dict[tuple[str, ...], str] = {("data", "partition"): "kind", ("strategy",): "name"}
 
 
-def check_schedule_strategy(kind: str, strategy_name: str) -> str | None:
-    """A schedule that drives the server LR replaces the server optimizer: only with fedavg/fedprox."""
-    if kind != "constant" and strategy_name not in ("fedavg", "fedprox"):
-        return (f"lr_schedule.kind: '{kind}' sets the server learning rate itself and cannot be combined "
+def check_schedule_strategy(kind: str, strategy_name: str, server_lr: Any = 1.0) -> str | None:
+    """A schedule replaces the server optimizer: only with fedavg/fedprox, whose server_lr it owns."""
+    if kind == "constant":
+        return None
+    if strategy_name not in ("fedavg", "fedprox"):
+        return (f"lr_schedule.kind: '{kind}' replaces the server optimizer and cannot be combined "
                 f"with strategy '{strategy_name}' (use fedavg or fedprox)")
+    if server_lr not in (None, 1, 1.0):
+        return (f"strategy.server_lr: {server_lr} would be ignored under lr_schedule.kind '{kind}'; "
+                "set the initial global learning rate with lr_schedule.alpha0")
     return None

@@ -104,3 +104,28 @@ def test_cli_validate_exits_2_without_traceback(tmp_path, tiny_yaml):
     assert "Traceback" not in proc.stderr + proc.stdout
     assert "data.partition.alpha: must be > 0" in proc.stderr
     assert "federation.rounds: must be > 0" in proc.stderr
+
+
+def test_infinite_values_and_device_lists(tiny_yaml):
+    found = problems(tiny_yaml + "lr_schedule: {cl_bounds: [0.1, .inf], alpha0: .inf}\nengine: {devices: [cuda:0, gpu]}\n")
+    assert any(p.startswith("lr_schedule.cl_bounds.1: Input should be a finite number") for p in found), found
+    assert any(p.startswith("lr_schedule.alpha0: Input should be a finite number") for p in found), found
+    assert "engine.devices: use auto, cpu, or a list like [cuda:0, cuda:1] (not ['gpu'])" in found
+    assert parse_scenario(tiny_yaml + "engine: {devices: cuda:1}\n").engine.devices == ["cuda:1"]
+
+
+def test_schedule_owns_the_server_learning_rate(tiny_yaml):
+    found = problems(tiny_yaml + "strategy: {name: fedavg, server_lr: 0.5}\nlr_schedule: {kind: fedhyper}\n")
+    assert found[0].startswith("strategy.server_lr: 0.5 would be ignored")
+    found = problems(tiny_yaml + "strategy: {name: fedadam}\nlr_schedule: {kind: decay}\n")
+    assert found[0].startswith("lr_schedule.kind: 'decay' replaces the server optimizer")
+    assert parse_scenario(tiny_yaml + "lr_schedule: {kind: fedhyper, preset: reference}\n").lr_schedule.weighting \
+        == "uniform"
+
+
+def test_data_dependent_problems_exit_2_without_traceback(tmp_path, tiny_yaml):
+    from fedsim.cli import main
+    path = tmp_path / "s.yaml"
+    path.write_text(tiny_yaml.replace("num_clients: 6", "num_clients: 5000").replace("clients_per_round: 3",
+                                                                                     "clients_per_round: 3"))
+    assert main(["run", str(path), "--out", str(tmp_path / "r"), "--quiet"]) == 2
