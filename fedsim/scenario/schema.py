@@ -167,7 +167,9 @@ class LrSchedule(Section):
     (Decay-G or Decay-SL: ``decay_target``, ``decay_rate``), ``fedexp`` (FedExp server LR), or
     ``fedhyper`` (hypergradient schedulers, arXiv:2310.03156; ``variant`` g | gm | sl | cl |
     g+cl | gm+cl). ``preset: reference`` switches the defaults to the reference code's
-    (uniform weighting, unclipped SL accumulator); keys given explicitly still win.
+    (uniform weighting, unclipped SL accumulator); keys given explicitly still win. The preset
+    does not touch ``federation.local``: the reference code trained clients with Adam at lr 0.01
+    (``federation.local: {optimizer: adam, lr: 0.01}``) — set that yourself to match it.
     """
 
     kind: Literal["constant", "decay", "fedexp", "fedhyper"] = "fedhyper"
