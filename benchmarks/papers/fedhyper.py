@@ -295,7 +295,7 @@ def _heatmap(path: Path, matrix: list[list[float | None]], rows: Sequence[float]
     from matplotlib.figure import Figure
 
     data = np.array([[np.nan if v is None else v for v in row] for row in matrix], dtype=float)
-    fig = Figure(figsize=(1.2 * len(cols) + 2.2, 1.0 * len(rows) + 1.6))
+    fig = Figure(figsize=(max(6.0, 1.2 * len(cols) + 2.4), max(3.4, 1.0 * len(rows) + 1.6)))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     finite = data[np.isfinite(data)]

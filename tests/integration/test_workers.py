@@ -64,3 +64,24 @@ def test_dead_worker_reported_round_continues_and_restarts(tmp_path, tiny_yaml):
     assert rows[2]["clients"] == 6 - 3 * (grid.workers[0].restarts < 1)    # restarted for round 3 (dies again only on round 2)
     assert grid.workers[0].restarts == 1
     assert all(w.proc.poll() is not None for w in grid.workers)
+
+
+def test_worker_refuses_callers_without_the_run_token(tmp_path):
+    """A worker serves only the server that started it (a per-run token in its environment)."""
+    import grpc
+
+    from fedsim.engine.pool import start_worker, stop_workers, wait_ready
+    from fedsim.flower.worker import SERVICE, TOKEN_HEADER
+
+    w = start_worker(0, "cpu", tmp_path, flower_env(), "s3cret")
+    try:
+        wait_ready([w], 120)
+        with grpc.insecure_channel(w.address) as ch:
+            call = ch.unary_unary(f"/{SERVICE}/Configure")
+            for metadata in ((), ((TOKEN_HEADER, "wrong"),)):
+                with pytest.raises(grpc.RpcError) as info:
+                    call(b"{}", timeout=30, metadata=metadata)
+                assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    finally:
+        stop_workers([w])
+    assert w.proc.poll() is not None
