@@ -140,7 +140,10 @@ def _report(args: argparse.Namespace, console: Console) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
-        Console().print(render_table(rows))
+        out = Console()
+        if not out.is_terminal:
+            out = Console(width=200)      # files and pipes: do not squeeze the table into 80 columns
+        out.print(render_table(rows))
     path = plot_comparison(args.run_dirs, args.plot)
     console.print(f"comparison plot: {path}", highlight=False)
     return 0

@@ -312,8 +312,10 @@ def _heatmap(path: Path, matrix: list[list[float | None]], rows: Sequence[float]
     for i in range(len(rows)):
         for j in range(len(cols)):
             if np.isfinite(data[i, j]):
+                rgba = im.cmap(im.norm(data[i, j]))
+                dark = 0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2] < 0.5
                 ax.text(j, i, f"{data[i, j]:+.1f}" if diverging else f"{data[i, j]:.1f}", ha="center",
-                        va="center", fontsize=8, color="black" if diverging else "white")
+                        va="center", fontsize=8, color="white" if dark else "black")
     fig.colorbar(im, ax=ax, label=cbar)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
