@@ -1,8 +1,8 @@
 """The scenario schema: pydantic models for every section of a fedsim YAML file.
 
 This module knows the shape of a scenario; `fedsim.scenario.load` knows YAML.
-Sections reserved for later capabilities (``lr_schedule``, ``privacy``, ``lora``,
-``pruning``) are accepted only when absent or null.
+Sections reserved for later capabilities (``privacy``, ``lora``, ``pruning``) are accepted
+only when absent or null.
 """
 
 from __future__ import annotations
