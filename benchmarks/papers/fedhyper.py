@@ -1,7 +1,7 @@
 """FedHyper robustness grid: FedAvg vs FedHyper over initial global LR x initial local LR.
 
 Reproduces the *shape* of the paper's Fig. 4 experiment (arXiv:2310.03156; see
-/work/shared/specs/fedhyper.md §3): every (method, cell) of the grid is one fedsim run of
+shared/specs/fedhyper.md §3): every (method, cell) of the grid is one fedsim run of
 the dataset's base scenario with overrides, run once via ``fedsim.engine.run_scenario``.
 The sweep definition (datasets, axes, methods as override lists) is
 ``benchmarks/papers/fedhyper_grid.yaml``.
