@@ -27,7 +27,7 @@ from fedsim.algorithms.aggregate import ServerOptimizer, server_optimizer
 from fedsim.data import Dataset, load_dataset, make_partition, partition_stats
 from fedsim.models import build_model
 from fedsim.scenario import Scenario, ScenarioError, config_sha256
-from fedsim.seeding import derive_seed, numpy_rng
+from fedsim.seeding import numpy_rng, torch_rng
 
 
 class Federation:
@@ -49,6 +49,7 @@ class Federation:
         self.num_clients = len(self.partition.indices)
         self.client_sizes = [int(len(ix)) for ix in self.partition.indices]
         self.cohort_size = self._cohort_size()
+        self._client_model: nn.Module | None = None
 
     def _cohort_size(self) -> int:
         fed = self.scenario.federation
@@ -87,10 +88,16 @@ class Federation:
     def build_model(self) -> nn.Module:
         """A fresh model; its initial weights are a pure function of the scenario seed."""
         model_cfg = self.scenario.model
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derive_seed(self.scenario.seed, "model-init"))
+        with torch_rng(self.scenario.seed, "model-init"):
             return build_model(model_cfg.name, input_shape=self.dataset.input_shape,
                                num_classes=self.dataset.num_classes, **model_cfg.options)
+
+    def client_model(self) -> nn.Module:
+        """A model object clients of this process reuse: they load the global weights into it
+        (``load_state_dict(strict=True)`` replaces every entry), so it is built only once."""
+        if self._client_model is None:
+            self._client_model = self.build_model()
+        return self._client_model
 
     def trainable_mask(self) -> list[bool]:
         """Per ``state_dict`` entry: a trained parameter (True) or a buffer (False)."""

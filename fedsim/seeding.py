@@ -11,6 +11,8 @@ Example:
 from __future__ import annotations
 
 import zlib
+from contextlib import contextmanager
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -25,6 +27,24 @@ def derive_seed(seed: int, purpose: str, *keys: int) -> int:
 def numpy_rng(seed: int, purpose: str, *keys: int) -> np.random.Generator:
     """A numpy Generator for one purpose (partitioning, client sampling, ...)."""
     return np.random.default_rng(derive_seed(seed, purpose, *keys))
+
+
+@contextmanager
+def torch_rng(seed: int, purpose: str, *keys: int, device: torch.device | str = "cpu") -> Iterator[None]:
+    """Run a block on torch's global RNG seeded from (seed, purpose, keys), restoring it afterwards.
+
+    For code that draws from the global RNG (weight init, dropout). Seeds the CPU generator and,
+    for a CUDA ``device``, that device's generator; never touches other devices (seeding all
+    of them, as ``torch.manual_seed`` does, costs milliseconds per call).
+    """
+    value = derive_seed(seed, purpose, *keys)
+    device = torch.device(device)
+    cuda = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.default_generator.manual_seed(value)
+        if cuda:
+            torch.cuda.manual_seed(value)
+        yield
 
 
 def torch_generator(seed: int, purpose: str, *keys: int) -> torch.Generator:

@@ -15,7 +15,7 @@ from flwr.app import Context, Message, RecordDict
 from fedsim.algorithms.fedhyper import FedHyperClient
 from fedsim.federation import get_federation
 from fedsim.flower.codec import config_record, from_record, metric_record, scenario_from_config, to_record
-from fedsim.seeding import derive_seed, torch_generator
+from fedsim.seeding import torch_generator, torch_rng
 from fedsim.train import evaluate, local_train
 
 
@@ -36,7 +36,7 @@ def _federation(context: Context):
 
 
 def _load_global(msg: Message, fed) -> torch.nn.Module:
-    model = fed.build_model()
+    model = fed.client_model()
     state = {k: torch.from_numpy(v) for k, v in from_record(msg.content["arrays"]).items()}
     model.load_state_dict(state, strict=True)
     return model
@@ -52,8 +52,7 @@ def handle_train(msg: Message, context: Context) -> Message:
     x, y = fed.client_data(cid)
     local, lr, device = scn.federation.local, float(cfg["lr"]), client_device()
     cl = _cl_rule(msg, fed, model.to(device), lr) if cfg.get("fedhyper-cl") else None
-    with torch.random.fork_rng(devices=[]):      # dropout & co. draw from (seed, round, client), not history
-        torch.manual_seed(derive_seed(scn.seed, "train-rng", rnd, cid))
+    with torch_rng(scn.seed, "train-rng", rnd, cid, device=device):   # dropout & co.: (seed, round, client)
         out = local_train(model, x, y, epochs=local.epochs, steps=local.steps, batch_size=local.batch_size,
                           optimizer=local.optimizer, lr=lr, momentum=local.momentum,
                           weight_decay=local.weight_decay, proximal_mu=float(cfg.get("proximal-mu", 0.0)),
