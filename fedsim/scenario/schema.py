@@ -226,7 +226,7 @@ class EngineConfig(Section):
     superlink: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-\[\]:]+:[0-9]+$")] | None = None
     root_certificates: str | None = None
     run_timeout_s: PositiveFloat = 7200.0
-    client_cpus: PositiveFloat = 1.0
+    client_cpus: PositiveInt = 1
     client_gpus: NonNegFloat = 0.0
 
     @field_validator("devices")
