@@ -226,3 +226,29 @@ def test_unregistered_key_refused_then_registered_key_online(deployment):
     assert "data dir" in " ".join(_supernode_argv(deployment))       # node-config with a spaced path accepted
     deployment["procs"].stop(proc)
     assert proc.poll() is not None
+
+
+@pytest.mark.slow
+def test_registered_supernode_runs_a_federation_over_tls(deployment, tmp_path):
+    """With node authentication on, a registered SuperNode serves a whole fedsim run submitted
+    the way `fedsim deploy commands` prints it (engine.superlink + engine.root_certificates)."""
+    from fedsim.engine import run_scenario
+
+    root = deployment["root"]
+    make_node_key(root / "keys" / "runner-node")
+    reply = _flwr(deployment, "supernode", "register", str(root / "keys" / "runner-node.pub"), "fedsim")
+    assert reply.get("success") is True, reply
+    argv = _supernode_argv(deployment)
+    argv[argv.index("--auth-supernode-private-key") + 1] = str(root / "keys" / "runner-node")
+    proc, log = deployment["procs"].start(argv, "supernode-runner")
+    try:
+        scn = parse_scenario(
+            "name: tls-auth\ndata: {dataset: digits, partition: {kind: iid, num_clients: 2}}\n"
+            "model: {name: mlp, options: {hidden: [8]}}\nfederation: {rounds: 1, local: {steps: 2}}\n"
+            f"engine: {{kind: flower, supernodes: 1, superlink: '127.0.0.1:{deployment['port']}', "
+            f"root_certificates: '{root / 'certs' / 'ca.pem'}', start_timeout_s: 60}}\n")
+        summary = run_scenario(scn, tmp_path / "run", progress="none")
+    finally:
+        deployment["procs"].stop(proc)
+    assert summary["rounds_completed"] == 1 and summary["engine"] == "flower", log.read_text()[-2000:]
+    assert (tmp_path / "run" / "model.safetensors").is_file()

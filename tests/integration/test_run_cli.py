@@ -63,6 +63,7 @@ def test_bytes_are_the_serialized_size(quick_run):
 
 
 def test_same_seed_same_model(tmp_path, tiny_yaml):
+    tiny_yaml += "engine: {kind: inprocess}\n"
     a = run_scenario(parse_scenario(tiny_yaml), tmp_path / "a", progress="none")
     b = run_scenario(parse_scenario(tiny_yaml), tmp_path / "b", progress="none")
     wa, wb = load_file(str(tmp_path / "a/model.safetensors")), load_file(str(tmp_path / "b/model.safetensors"))
@@ -73,6 +74,7 @@ def test_same_seed_same_model(tmp_path, tiny_yaml):
 
 
 def test_report_compares_runs(tmp_path, tiny_yaml, capsys):
+    tiny_yaml += "engine: {kind: inprocess}\n"
     for name in ("one", "two"):
         run_scenario(parse_scenario(tiny_yaml.replace("name: tiny", f"name: {name}")), tmp_path / name,
                      progress="none")
@@ -85,7 +87,7 @@ def test_report_compares_runs(tmp_path, tiny_yaml, capsys):
 
 def test_refuses_to_overwrite_a_run(tmp_path, tiny_yaml):
     path = tmp_path / "s.yaml"
-    path.write_text(tiny_yaml.replace("rounds: 3", "rounds: 1"))
+    path.write_text(tiny_yaml.replace("rounds: 3", "rounds: 1") + "engine: {kind: inprocess}\n")
     assert main(["run", str(path), "--out", str(tmp_path / "r"), "--quiet"]) == 0
     assert main(["run", str(path), "--out", str(tmp_path / "r"), "--quiet"]) == 2
     assert main(["run", str(path), "--out", str(tmp_path / "r"), "--quiet", "--overwrite"]) == 0
