@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from fedsim.engine.devices import worker_env
@@ -39,7 +39,6 @@ class WorkerProcess:
     log_path: Path
     port: int = 0
     restarts: int = 0
-    _stdout_lines: list[str] = field(default_factory=list)
 
     @property
     def address(self) -> str:
