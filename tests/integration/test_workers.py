@@ -64,6 +64,11 @@ def test_dead_worker_reported_round_continues_and_restarts(tmp_path, tiny_yaml):
     assert rows[2]["clients"] == 6 - 3 * (grid.workers[0].restarts < 1)    # restarted for round 3 (dies again only on round 2)
     assert grid.workers[0].restarts == 1
     assert all(w.proc.poll() is not None for w in grid.workers)
+    # client state survived the crash and the restart: worker 0's clients lost only round 2's update
+    from fedsim.flower.grid_base import NODE_ID_BASE
+    from fedsim.flower.state_store import load_state
+    counts = {c: int(load_state(tmp_path / "client_state", NODE_ID_BASE + c)["fixture"]["count"]) for c in range(6)}
+    assert counts == {0: 2, 1: 3, 2: 2, 3: 3, 4: 2, 5: 3}
 
 
 def test_worker_refuses_callers_without_the_run_token(tmp_path):

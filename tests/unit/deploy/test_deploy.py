@@ -270,3 +270,10 @@ def test_cli_commands_bad_input(tmp_path, capsys, tiny_yaml):
 def test_parse_client():
     assert parse_client("gpu-box:4") == ("gpu-box", 4)
     assert parse_client("cpu-box") == ("cpu-box", 0)
+
+
+def test_deploy_is_a_fedsim_subcommand(tmp_path, capsys):
+    from fedsim.cli import main
+    assert main(["deploy", "certs", str(tmp_path / "c"), "--host", "fl.example.org"]) == 0
+    assert (tmp_path / "c" / "ca.pem").is_file() and (tmp_path / "c" / "server.key").stat().st_mode & 0o777 == 0o600
+    assert main(["deploy", "certs", str(tmp_path / "c"), "--host", "fl.example.org"]) == 2   # no silent overwrite
