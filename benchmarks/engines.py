@@ -114,6 +114,7 @@ def run_engine(engine: str, scenario: str, overrides: list[str], workdir: Path) 
             m.update(json.loads(m["stdout"].strip().splitlines()[-1]))
         return m
     out = workdir / engine
+    out.parent.mkdir(parents=True, exist_ok=True)
     m = measure([sys.executable, "-m", "fedsim.cli", "run", scenario, "--out", str(out), "--quiet",
                  "--set", f"engine.kind={engine}", *(a for o in overrides for a in ("--set", o))], env)
     if m["rc"] == 0:
@@ -122,25 +123,42 @@ def run_engine(engine: str, scenario: str, overrides: list[str], workdir: Path) 
     return m
 
 
+def _median(ms: list[dict]) -> dict:
+    """The measurement with the median training time (all of them must have succeeded)."""
+    failed = [m for m in ms if m["rc"] != 0]
+    if failed:
+        return failed[0]
+    ordered = sorted(ms, key=lambda m: m.get("run_s", m["wall_s"]))
+    out = dict(ordered[len(ordered) // 2])
+    out["run_s_all"] = [round(m.get("run_s", 0.0), 3) for m in ms]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scenario", default=str(ROOT / "scenarios/quickstart.yaml"))
     p.add_argument("--engines", default="floor,inprocess,workers")
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.add_argument("--repeat", type=int, default=1, help="measure each engine N times (interleaved); report medians")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = p.parse_args(argv)
     overrides = list(args.overrides) + ([f"federation.rounds={args.rounds}"] if args.rounds else [])
-    results = {}
+    runs: dict[str, list[dict]] = {e: [] for e in args.engines.split(",")}
     with tempfile.TemporaryDirectory(prefix="fedsim-bench-") as tmp:
-        for engine in args.engines.split(","):
-            results[engine] = run_engine(engine, args.scenario, overrides, Path(tmp))
-            print(f"{engine}: rc={results[engine]['rc']} wall {results[engine]['wall_s']:.1f}s", file=sys.stderr)
+        for rep in range(args.repeat):                      # interleaved, so drifting load hits all engines
+            for engine in runs:
+                m = run_engine(engine, args.scenario, overrides, Path(tmp) / str(rep))
+                runs[engine].append(m)
+                print(f"{engine} #{rep + 1}: rc={m['rc']} wall {m['wall_s']:.1f}s run {m.get('run_s', 0):.2f}s",
+                      file=sys.stderr)
+    results = {engine: _median(ms) for engine, ms in runs.items()}
     floor = results.get("floor", {}).get("run_s")
     rows = []
     for engine, m in results.items():
         ratio = m.get("run_s") / floor if floor and m.get("run_s") else None
         rows.append({"engine": engine, "ok": m["rc"] == 0, "wall_s": round(m["wall_s"], 2),
+                     "run_s_all": m.get("run_s_all"),
                      "run_s": round(m["run_s"], 2) if m.get("run_s") else None,
                      "peak_rss_mib": round(m["peak_rss_mib"], 1), "run_vs_floor": round(ratio, 3) if ratio else None,
                      "final_accuracy": m.get("final_accuracy"), **({} if m["rc"] == 0 else {"error": m["stderr"]})})
