@@ -19,7 +19,6 @@ import math
 from collections import OrderedDict
 
 import numpy as np
-import torch
 from torch import nn
 
 from fedsim.algorithms import fedhyper

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import math
 import shutil
 import statistics
 import sys

@@ -14,21 +14,19 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid
 
 import fedsim
-from fedsim.errors import RunError
 from fedsim.algorithms.fedhyper import state_from_arrays, state_to_arrays
+from fedsim.errors import RunError
 from fedsim.federation import Federation, get_federation
 from fedsim.flower.codec import (MIN_NODES_KEY, NODE_WAIT_KEY, OUT_DIR_KEY, PROGRESS_KEY, RESUME_KEY, SHIP_KEY,
-                                 from_record,
-                                 scenario_from_config, to_record)
+                                 from_record, scenario_from_config, to_record)
 from fedsim.flower.strategy import FedsimStrategy
 from fedsim.progress import RoundProgress
-from fedsim.results import bundle
-from fedsim.results import (MetricsWriter, build_summary, load_checkpoint, plot_run, read_metrics, save_checkpoint,
-                            write_json)
+from fedsim.results import (MetricsWriter, build_summary, bundle, load_checkpoint, plot_run, read_metrics,
+                            save_checkpoint, write_json)
 from fedsim.scenario import Scenario, config_sha256, to_yaml
 from fedsim.train import evaluate
 
@@ -61,7 +59,7 @@ def wait_for_nodes(grid: Grid, count: int, timeout_s: float) -> None:
             return
         if time.monotonic() > deadline:
             raise RunError(f"only {have} of {count} client nodes connected within {timeout_s:.0f} s; "
-                               "check that the SuperNodes are running and can reach the SuperLink")
+                           "check that the SuperNodes are running and can reach the SuperLink")
         time.sleep(0.5)
 
 

@@ -10,7 +10,7 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedsim.flower.client import handle_train
-from fedsim.flower.codec import OUT_DIR_KEY, PROGRESS_KEY, SCENARIO_KEY, from_record, metric_record, scenario_to_config, to_record
+from fedsim.flower.codec import OUT_DIR_KEY, PROGRESS_KEY, SCENARIO_KEY, from_record, scenario_to_config, to_record
 from fedsim.flower.compat import set_server_identity
 from fedsim.flower.inprocess import InProcessGrid
 from fedsim.flower.runner import ServerLoop
