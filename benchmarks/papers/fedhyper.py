@@ -38,7 +38,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import yaml
 
@@ -53,14 +53,6 @@ def gain_points(method_acc: float | None, baseline_acc: float | None) -> float |
     if method_acc is None or baseline_acc is None:
         return None
     return 100.0 * (float(method_acc) - float(baseline_acc))
-
-
-def first_round_reaching(points: Iterable[tuple[int, float | None]], target: float) -> int | None:
-    """First round whose (non-null) accuracy is >= ``target``; None if never."""
-    for rnd, acc in points:
-        if acc is not None and acc >= target:
-            return int(rnd)
-    return None
 
 
 def speedup(baseline_rounds: int | None, method_rounds: int | None, total_rounds: int) -> tuple[float | None, str]:
@@ -219,7 +211,7 @@ def cell_dirname(global_lr: float, local_lr: float) -> str:
 
 def read_result(run_dir: Path, target: float, expected_sha: str | None = None) -> RunResult | None:
     """A finished run's figures, or None if the run is missing, unfinished or from another config."""
-    from fedsim.results import read_json, read_metrics
+    from fedsim.results import read_json, read_metrics, rounds_to_target
 
     summary_path = run_dir / "summary.json"
     if not summary_path.exists():
@@ -232,7 +224,7 @@ def read_result(run_dir: Path, target: float, expected_sha: str | None = None) -
     return RunResult(
         final_accuracy=summary.get("final_accuracy"), best_accuracy=summary.get("best_accuracy"),
         rounds=int(summary.get("rounds_completed") or 0),
-        rounds_to_target=first_round_reaching(((r.get("round", 0), r.get("eval_accuracy")) for r in rows), target),
+        rounds_to_target=rounds_to_target(rows, [target])[f"{target:g}"],
         wall_s=summary.get("wall_s"), lr_global=last.get("lr_global"), lr_local_mean=last.get("lr_local_mean"))
 
 

@@ -10,13 +10,24 @@ Example:
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+    import torch
 
 
 def cuda_count() -> int:
     """Visible CUDA devices (0 without a GPU build of torch or without a GPU)."""
     import torch
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def default_device() -> "torch.device":
+    """Where this process computes: ``FEDSIM_DEVICE`` (set for each worker), else the first GPU, else the CPU."""
+    import torch
+    if os.environ.get("FEDSIM_DEVICE"):
+        return torch.device(os.environ["FEDSIM_DEVICE"])
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def plan_workers(devices: str | Sequence[str] = "auto", *, workers: int | None = None, workers_per_device: int = 1,

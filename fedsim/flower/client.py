@@ -6,24 +6,17 @@ These are what ``clients/app.py`` registers on the ClientApp. The client never m
 
 from __future__ import annotations
 
-import os
 import time
 
 import torch
 from flwr.app import Context, Message, RecordDict
 
 from fedsim.algorithms.fedhyper import FedHyperClient
+from fedsim.engine.devices import default_device
 from fedsim.federation import get_federation
 from fedsim.flower.codec import config_record, from_record, metric_record, scenario_from_config, to_record
 from fedsim.seeding import torch_generator, torch_rng
 from fedsim.train import evaluate, local_train
-
-
-def client_device() -> torch.device:
-    """The device a client trains on: the worker's (``FEDSIM_DEVICE``), else the first GPU, else the CPU."""
-    if os.environ.get("FEDSIM_DEVICE"):
-        return torch.device(os.environ["FEDSIM_DEVICE"])
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
 def _federation(context: Context):
@@ -50,7 +43,7 @@ def handle_train(msg: Message, context: Context) -> Message:
     rnd, cid = int(cfg["server-round"]), int(cfg["client-id"])
     model = _load_global(msg, fed)
     x, y = fed.client_data(cid)
-    local, lr, device = scn.federation.local, float(cfg["lr"]), client_device()
+    local, lr, device = scn.federation.local, float(cfg["lr"]), default_device()
     cl = _cl_rule(msg, fed, model.to(device), lr) if cfg.get("fedhyper-cl") else None
     with torch_rng(scn.seed, "train-rng", rnd, cid, device=device):   # dropout & co.: (seed, round, client)
         out = local_train(model, x, y, epochs=local.epochs, steps=local.steps, batch_size=local.batch_size,
@@ -80,7 +73,7 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
     cid = int(cfg["client-id"])
     model = _load_global(msg, fed)
     x, y = fed.client_data(cid)
-    out = evaluate(model, x, y, batch_size=scn.federation.eval_batch_size, device=client_device())
+    out = evaluate(model, x, y, batch_size=scn.federation.eval_batch_size, device=default_device())
     metrics = {"num-examples": out["num_examples"], "eval_loss": out["loss"], "eval_accuracy": out["accuracy"],
                "client-id": cid, "server-round": int(cfg["server-round"])}
     return Message(RecordDict({"metrics": metric_record(metrics), "config": config_record({})}), reply_to=msg)

@@ -19,6 +19,7 @@ from flwr.serverapp import Grid
 
 import fedsim
 from fedsim.algorithms.fedhyper import state_from_arrays, state_to_arrays
+from fedsim.engine.devices import default_device
 from fedsim.errors import RunError
 from fedsim.federation import Federation, get_federation
 from fedsim.flower.codec import (MIN_NODES_KEY, NODE_WAIT_KEY, OUT_DIR_KEY, PROGRESS_KEY, RESUME_KEY, SHIP_KEY,
@@ -165,7 +166,7 @@ class ServerLoop:
         self.eval_model.load_state_dict({k: torch.from_numpy(v) for k, v in arrays.items()})
         ds = self.fed.dataset
         out = evaluate(self.eval_model, ds.x_test, ds.y_test, batch_size=fed.eval_batch_size,
-                       device="cuda" if torch.cuda.is_available() else "cpu")
+                       device=default_device())
         return {"eval_accuracy": out["accuracy"], "eval_loss": out["loss"]}
 
     def _maybe_checkpoint(self, rnd: int, arrays: dict[str, np.ndarray], wall_s: float) -> None:

@@ -38,11 +38,13 @@ def test_gain_points():
     assert fh.gain_points(0.8, None) is None
 
 
-def test_first_round_reaching_skips_unevaluated_rounds():
-    points = [(1, 0.4), (2, None), (3, 0.69), (4, 0.70), (5, 0.9)]
-    assert fh.first_round_reaching(points, 0.7) == 4
-    assert fh.first_round_reaching(points, 0.95) is None
-    assert fh.first_round_reaching([(1, None), (2, None)], 0.1) is None
+def test_rounds_to_target_skips_unevaluated_rounds():
+    """The sweep uses fedsim.results.rounds_to_target for its rounds-to-target column."""
+    from fedsim.results import rounds_to_target
+    rows = [{"round": r, "eval_accuracy": a} for r, a in [(1, 0.4), (2, None), (3, 0.69), (4, 0.70), (5, 0.9)]]
+    assert rounds_to_target(rows, [0.7]) == {"0.7": 4}
+    assert rounds_to_target(rows, [0.95]) == {"0.95": None}
+    assert rounds_to_target([{"round": 1, "eval_accuracy": None}, {"round": 2}], [0.1]) == {"0.1": None}
 
 
 def test_speedup_both_reached():
