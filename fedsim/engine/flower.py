@@ -22,8 +22,9 @@ import subprocess
 import sys
 import time
 import urllib.request
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from fedsim.errors import RunError
 from fedsim.results import bundle, read_json
@@ -157,7 +158,7 @@ def run(scenario: Scenario, out_dir: Path, *, progress: str = "auto", resume: bo
             local = stack.enter_context(LocalFederation(out_dir, eng.supernodes, flower_env(), eng.start_timeout_s,
                                                         simulation=ray))
             address, certs = local.address, None
-        os.environ.setdefault("FLWR_HOME", str(out_dir / "flwr"))
+        stack.enter_context(_env("FLWR_HOME", str(out_dir / "flwr")))   # Flower's CLI state: this run's, not ~/.flwr
         client = deployment.control_client(address, certs)
         sim = {"num_supernodes": nodes, "client_resources_num_cpus": eng.client_cpus,
                "client_resources_num_gpus": eng.client_gpus} if ray else None
@@ -177,6 +178,20 @@ def run(scenario: Scenario, out_dir: Path, *, progress: str = "auto", resume: bo
         except ValueError as exc:
             raise FlowerRunError(f"run {run_id} finished, but its results could not be read from the log: {exc}")
     return read_json(out_dir / "summary.json")
+
+
+@contextmanager
+def _env(name: str, value: str) -> Iterator[None]:
+    """Set one environment variable for the duration of a block (restored afterwards)."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
 
 
 def _require_ray() -> None:
