@@ -113,7 +113,7 @@ class ServerLoop:
         done = int(meta["round"])
         self.totals.update(wall_s=float(meta.get("wall_s", 0.0)), aggregate_s=float(meta.get("aggregate_s", 0.0)))
         loaded = {k.removeprefix("model."): v.numpy() for k, v in tensors.items() if k.startswith("model.")}
-        order = list(self.fed.initial_arrays())          # safetensors sorts names; the model's order matters
+        order = list(self.eval_model.state_dict())      # safetensors sorts names; the model's order matters
         if sorted(order) != sorted(loaded):
             raise ResumeError(f"{ckpts[-1]} does not hold this scenario's model")
         arrays = {k: loaded[k] for k in order}
