@@ -6,12 +6,13 @@ written atomically with mode 0600 (it may hold private data, e.g. DiceSGD's erro
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from flwr.app import RecordDict
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
+
+from fedsim.results.summary import atomic_write_bytes
 
 
 def state_path(state_dir: Path, node_id: int) -> Path:
@@ -33,10 +34,4 @@ def save_state(state_dir: Path | None, node_id: int, state: RecordDict) -> None:
     """Write a node's state (nothing when it is empty), atomically, readable by the owner only."""
     if state_dir is None or not len(state):
         return
-    path = state_path(state_dir, node_id)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(recorddict_to_proto(state).SerializeToString())
-    os.replace(tmp, path)
+    atomic_write_bytes(state_path(state_dir, node_id), recorddict_to_proto(state).SerializeToString(), mode=0o600)
