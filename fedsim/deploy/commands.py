@@ -33,8 +33,8 @@ import shlex
 from pathlib import PurePosixPath
 from typing import Any, Mapping
 
-FLWR_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+from fedsim.runtime import FLOWER_ENV as FLWR_ENV
+
 SUPERNODE_BASE_PORT = 9094
 CONNECTION = "fedsim"
 

@@ -15,8 +15,6 @@ correct for real deployments, slow for simulation (use ``workers`` for that).
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -27,7 +25,8 @@ from pathlib import Path
 from typing import Iterator
 
 from fedsim.errors import RunError
-from fedsim.results import bundle, read_json
+from fedsim.results import bundle
+from fedsim.runtime import free_port, stop_processes
 from fedsim.scenario import Scenario
 
 
@@ -35,19 +34,12 @@ class FlowerRunError(RunError):
     """The SuperLink reported the run as failed, or it did not finish in time."""
 
 
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1 (bound and released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _exe(name: str) -> str:
     path = Path(sys.executable).with_name(name)
     return str(path) if path.exists() else name
 
 
-class LocalFederation:
+class LoopbackDeployment:
     """A SuperLink and N SuperNodes on loopback, owned by this object (stopped by PID on exit)."""
 
     def __init__(self, run_dir: Path, supernodes: int, env: dict[str, str], start_timeout_s: float = 120.0,
@@ -70,7 +62,7 @@ class LocalFederation:
             self.procs.append(subprocess.Popen([_exe(name), *args], stdout=fh, stderr=subprocess.STDOUT,
                                                stdin=subprocess.DEVNULL, env=self.env, start_new_session=True))
 
-    def __enter__(self) -> "LocalFederation":
+    def __enter__(self) -> "LoopbackDeployment":
         self.home.mkdir(parents=True, exist_ok=True)
         try:
             mode = ["--simulation", "--database", str(self.home / "state.db")] if self.simulation else []
@@ -112,34 +104,19 @@ class LocalFederation:
 
     def stop(self) -> None:
         """SIGTERM the process groups we started (SuperExec and app processes included), then SIGKILL."""
-        for p in self.procs:
-            _kill_group(p, signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        for p in self.procs:
-            try:
-                p.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                _kill_group(p, signal.SIGKILL)
-                p.wait(timeout=5)
-        for p in self.procs:
-            _kill_group(p, signal.SIGKILL)   # children left in the group (app processes)
+        stop_processes(self.procs, grace_s=10.0, group=True)
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
 
-def _kill_group(p: subprocess.Popen, sig: int) -> None:
-    try:
-        os.killpg(p.pid, sig)   # each was started in its own session: its group is ours alone
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def run(scenario: Scenario, out_dir: Path, *, progress: str = "auto", resume: bool = False) -> dict:
+def run(scenario: Scenario, out_dir: Path, *, progress: str = "auto", resume: bool = False,
+        force: bool = False) -> None:
     """Run ``scenario`` on Flower's deployment runtime (``flower``) or simulation runtime (``ray``)."""
-    from fedsim.engine import flower_env
-    from fedsim.flower import deployment
+    from fedsim.engine import submit
     from fedsim.flower.codec import MIN_NODES_KEY, NODE_WAIT_KEY, SHIP_KEY, make_run_config
+    from fedsim.flower.compat import control_client
+    from fedsim.runtime import flower_env
 
     eng, ray = scenario.engine, scenario.engine.kind == "ray"
     if ray:
@@ -148,24 +125,24 @@ def run(scenario: Scenario, out_dir: Path, *, progress: str = "auto", resume: bo
     out_dir.mkdir(parents=True, exist_ok=True)
     remote = bool(eng.superlink) and not ray
     nodes = _ray_nodes(scenario) if ray else eng.supernodes
-    run_config = make_run_config(scenario, "" if remote else out_dir, "log", resume,
+    run_config = make_run_config(scenario, "" if remote else out_dir, "log", resume, force,
                                  **{MIN_NODES_KEY: nodes, NODE_WAIT_KEY: eng.start_timeout_s,
                                     SHIP_KEY: "true" if remote else "false"})
     with ExitStack() as stack:
         if remote:
             address, certs = eng.superlink, eng.root_certificates
         else:
-            local = stack.enter_context(LocalFederation(out_dir, eng.supernodes, flower_env(), eng.start_timeout_s,
+            local = stack.enter_context(LoopbackDeployment(out_dir, eng.supernodes, flower_env(), eng.start_timeout_s,
                                                         simulation=ray))
             address, certs = local.address, None
         stack.enter_context(_env("FLWR_HOME", str(out_dir / "flwr")))   # Flower's CLI state: this run's, not ~/.flwr
-        client = deployment.control_client(address, certs)
+        client = control_client(address, certs)
         sim = {"num_supernodes": nodes, "client_resources_num_cpus": eng.client_cpus,
                "client_resources_num_gpus": eng.client_gpus} if ray else None
-        run_id = deployment.submit(client, run_config, simulation=sim)
+        run_id = submit.submit(client, run_config, simulation=sim)
         show = (lambda line: None) if progress == "none" else _round_lines
-        with deployment.LogFollower(client, run_id, show) as follower:
-            outcome = deployment.wait(client, run_id, eng.run_timeout_s)
+        with submit.LogFollower(client, run_id, show) as follower:
+            outcome = submit.wait(client, run_id, eng.run_timeout_s)
         log_text = follower.text
         (out_dir / "logs").mkdir(exist_ok=True)
         (out_dir / "logs" / "serverapp.log").write_text(log_text)
@@ -177,7 +154,6 @@ def run(scenario: Scenario, out_dir: Path, *, progress: str = "auto", resume: bo
             bundle.unpack(log_text, out_dir)
         except ValueError as exc:
             raise FlowerRunError(f"run {run_id} finished, but its results could not be read from the log: {exc}")
-    return read_json(out_dir / "summary.json")
 
 
 @contextmanager

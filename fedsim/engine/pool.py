@@ -1,6 +1,6 @@
 """Client worker processes: start, wait for, watch and stop them (exactly the ones started).
 
-A worker is ``python -m fedsim.flower.worker``: a gRPC server on 127.0.0.1 that prints its
+A worker is ``python -m fedsim.engine.worker``: a gRPC server on 127.0.0.1 that prints its
 port on its first stdout line. Workers run in their own session (a Ctrl-C in the
 terminal reaches only the server, which then stops them), and exit by themselves if the
 server process disappears. This module knows processes, not Flower.
@@ -9,7 +9,6 @@ server process disappears. This module knows processes, not Flower.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -17,12 +16,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedsim.engine.devices import worker_env
 from fedsim.errors import RunError
+from fedsim.runtime import stop_processes, worker_env
 
 PORT_PREFIX = "FEDSIM_WORKER_PORT "
 #: The per-run secret a worker requires in the metadata of every call (given through its environment).
 TOKEN_ENV = "FEDSIM_WORKER_TOKEN"
+#: gRPC metadata key carrying the per-run worker token.
+TOKEN_HEADER = "x-fedsim-token"
+#: The worker's gRPC service (raw bytes RPCs, see ``fedsim.engine.worker``).
+SERVICE = "fedsim.Worker"
+#: gRPC's default 4 MiB message cap is far too small for model weights.
+GRPC_OPTIONS = [("grpc.max_send_message_length", 1 << 30), ("grpc.max_receive_message_length", 1 << 30)]
 
 
 class WorkerStartError(RunError):
@@ -61,7 +66,7 @@ def start_worker(index: int, device: str, log_dir: Path, env: dict[str, str], to
     log_path = log_dir / f"worker-{index}.log"
     full_env = {**env, **worker_env(device), "FEDSIM_WORKER_INDEX": str(index), TOKEN_ENV: token}
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "fedsim.flower.worker", "--parent-pid", str(os.getpid())],
+        proc = subprocess.Popen([sys.executable, "-m", "fedsim.engine.worker", "--parent-pid", str(os.getpid())],
                                 stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, env=full_env,
                                 start_new_session=True, text=True)
     return WorkerProcess(index, device, proc, log_path)
@@ -92,22 +97,7 @@ def _read_line(w: WorkerProcess, timeout_s: float) -> str | None:
 
 def stop_workers(workers: list[WorkerProcess], grace_s: float = 5.0) -> None:
     """SIGTERM every worker we started, then SIGKILL what is left after ``grace_s``; reap all."""
+    stop_processes([w.proc for w in workers], grace_s)
     for w in workers:
-        if w.alive():
-            _signal(w, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    for w in workers:
-        try:
-            w.proc.wait(timeout=max(0.05, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            _signal(w, signal.SIGKILL)
-            w.proc.wait(timeout=5)
         if w.proc.stdout:
             w.proc.stdout.close()
-
-
-def _signal(w: WorkerProcess, sig: int) -> None:
-    try:
-        os.kill(w.proc.pid, sig)
-    except ProcessLookupError:
-        pass

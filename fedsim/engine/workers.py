@@ -1,24 +1,166 @@
-"""``engine: workers`` (the default) — the server in this process, clients in W gRPC worker processes."""
+"""``engine: workers`` (the default) — the server in this process, clients in W gRPC worker processes.
+
+:class:`WorkerGrid` is a Flower Grid that dispatches messages to persistent worker processes.
+
+Virtual client ``c`` is node ``NODE_ID_BASE + c`` and is always served by worker
+``c mod W``, so its state stays where it was. Workers run in parallel; each handles its
+messages one at a time. A worker that dies turns its pending messages into error replies
+(naming the clients and the end of its log), is restarted for the next round, and the
+round goes on with the replies it has.
+"""
 
 from __future__ import annotations
 
+import json
+import secrets
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from fedsim.engine.devices import plan_workers
-from fedsim.federation import get_federation
-from fedsim.results import read_json
+import grpc
+from flwr.app import Error, Message
+
+from fedsim.engine.grid import NODE_ID_BASE, LocalGrid
+from fedsim.engine.pool import (GRPC_OPTIONS, SERVICE, TOKEN_HEADER, WorkerProcess, WorkerStartError, start_worker,
+                                stop_workers, wait_ready)
+from fedsim.flower.compat import NODE_UNAVAILABLE, message_from_bytes, message_to_bytes
 from fedsim.scenario import Scenario, ScenarioError
 
+MAX_RESTARTS = 3
 
-def run(scenario: Scenario, out_dir: Path, *, progress: str = "auto", resume: bool = False) -> dict:
+
+class WorkerGrid(LocalGrid):
+    """A Grid over W gRPC client workers serving ``num_nodes`` virtual nodes."""
+
+    def __init__(self, devices: list[str], num_nodes: int, run_config: dict, run_dir: Path, env: dict[str, str],
+                 start_timeout_s: float = 120.0):
+        super().__init__(num_nodes)
+        self.devices = devices
+        self.run_config, self.run_dir, self.env = run_config, run_dir, env
+        self.start_timeout_s = start_timeout_s
+        self.token = secrets.token_hex(16)                 # workers serve only the server that started them
+        self._auth = ((TOKEN_HEADER, self.token),)
+        self._stale: set[int] = set()                      # workers still busy with a timed-out message
+        self.workers: list[WorkerProcess] = []
+        self.channels: list[grpc.Channel | None] = []
+        self._pool = ThreadPoolExecutor(max_workers=max(1, len(devices)), thread_name_prefix="fedsim-dispatch")
+
+    # ------------------------------------------------------------- lifecycle
+    def start(self) -> "WorkerGrid":
+        """Start every worker, wait until all listen, and send them the run config.
+
+        On any failure (or Ctrl-C) every worker started so far is stopped before the error propagates.
+        """
+        try:
+            self.workers = [start_worker(i, dev, self.run_dir / "logs", self.env, self.token)
+                            for i, dev in enumerate(self.devices)]
+            self.channels = [None] * len(self.workers)
+            wait_ready(self.workers, self.start_timeout_s)
+            list(self._pool.map(self._connect, range(len(self.workers))))   # workers load data in parallel
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _connect(self, i: int) -> None:
+        w = self.workers[i]
+        channel = grpc.insecure_channel(w.address, options=GRPC_OPTIONS)
+        self.channels[i] = channel
+        body = json.dumps({"run_config": dict(self.run_config), "state_dir": str(self.run_dir / "client_state")})
+        try:
+            grpc.channel_ready_future(channel).result(timeout=self.start_timeout_s)
+            channel.unary_unary(f"/{SERVICE}/Configure")(body.encode(), timeout=self.start_timeout_s,
+                                                         metadata=self._auth)
+        except (grpc.RpcError, grpc.FutureTimeoutError) as exc:
+            raise WorkerStartError(f"client worker {i} ({w.device}) did not accept the run: {exc}\n"
+                                   f"its log ({w.log_path}):\n{w.log_tail()}") from None
+
+    def _restart(self, i: int) -> None:
+        old = self.workers[i]
+        if old.restarts >= MAX_RESTARTS:
+            return
+        if self.channels[i] is not None:
+            self.channels[i].close()  # type: ignore[union-attr]
+        stop_workers([old])
+        new = start_worker(i, old.device, self.run_dir / "logs", self.env, self.token)
+        new.restarts = old.restarts + 1
+        self.workers[i] = new
+        wait_ready([new], self.start_timeout_s)
+        self._connect(i)
+
+    def close(self) -> None:
+        """Stop exactly the workers this grid started; close channels."""
+        for ch in self.channels:
+            if ch is not None:
+                ch.close()
+        stop_workers(self.workers)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def __enter__(self) -> "WorkerGrid":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ Grid
+    def worker_of(self, node_id: int) -> int:
+        """The worker that always serves ``node_id``."""
+        return (node_id - NODE_ID_BASE) % len(self.workers)
+
+    def _deliver(self, msgs: list[Message], timeout: float | None) -> list[Message]:
+        """Dispatch to the workers in parallel (each worker's messages in order); gather the replies."""
+        by_worker: dict[int, list[Message]] = {}
+        for msg in msgs:
+            by_worker.setdefault(self.worker_of(msg.metadata.dst_node_id), []).append(msg)
+        deadline = time.monotonic() + (timeout or 3600.0)
+        for i in by_worker:
+            if not self.workers[i].alive() or i in self._stale:
+                self._stale.discard(i)
+                self._restart(i)
+        jobs = [self._pool.submit(self._serve, i, batch, deadline) for i, batch in by_worker.items()]
+        return [reply for job in jobs for reply in job.result()]
+
+    def _serve(self, i: int, msgs: list[Message], deadline: float) -> list[Message]:
+        call = self.channels[i].unary_unary(f"/{SERVICE}/Handle")  # type: ignore[union-attr]
+        out = []
+        for k, msg in enumerate(msgs):
+            try:
+                raw = call(message_to_bytes(msg), timeout=max(0.001, deadline - time.monotonic()), metadata=self._auth)
+            except grpc.RpcError as exc:
+                return out + [self._failed(i, m, exc) for m in msgs[k:]]
+            out.append(message_from_bytes(raw))
+        return out
+
+    def _failed(self, i: int, msg: Message, exc: grpc.RpcError) -> Message:
+        w = self.workers[i]
+        if exc.code() == grpc.StatusCode.UNAVAILABLE:
+            try:                      # a dying process may not be reaped yet when its socket closes
+                w.proc.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                pass
+        if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            self._stale.add(i)        # it may still be training: restart it before it serves again
+            what = "timed out"
+        elif not w.alive():
+            what = f"died (exit code {w.proc.returncode})"
+        else:
+            what = f"failed ({exc.code().name})"
+        reason = (f"worker {i} ({w.device}) {what} while serving client {msg.metadata.dst_node_id - NODE_ID_BASE}; "
+                  f"log tail:\n{w.log_tail(8)}")
+        return Message(Error(code=NODE_UNAVAILABLE, reason=reason), reply_to=msg)
+
+
+def run(scenario: Scenario, out_dir: Path, *, progress: str = "auto", resume: bool = False,
+        force: bool = False) -> None:
     """Run ``scenario`` with persistent client workers; every worker is stopped on exit, error or Ctrl-C."""
     import torch
 
-    from fedsim.engine import flower_env
+    from fedsim.engine.inprocess import run_server_app
+    from fedsim.federation import get_federation
     from fedsim.flower.codec import make_run_config
     from fedsim.flower.compat import check_version
-    from fedsim.flower.inprocess import run_server_app
-    from fedsim.flower.workers_grid import WorkerGrid
+    from fedsim.runtime import flower_env, plan_workers
     from server.app import app as server_app
 
     check_version()
@@ -28,9 +170,8 @@ def run(scenario: Scenario, out_dir: Path, *, progress: str = "auto", resume: bo
         devices = plan_workers(eng.devices, workers=eng.workers, workers_per_device=eng.workers_per_device)
     except ValueError as exc:
         raise ScenarioError(f"scenario '{scenario.name}'", [f"engine.devices: {exc}"]) from None
-    run_config = make_run_config(scenario, out_dir, progress, resume)
+    run_config = make_run_config(scenario, out_dir, progress, resume, force)
     num_nodes = get_federation(scenario).num_clients
     out_dir.mkdir(parents=True, exist_ok=True)
     with WorkerGrid(devices, num_nodes, run_config, out_dir, flower_env(), eng.start_timeout_s) as grid:
         run_server_app(server_app, grid, run_config)
-    return read_json(out_dir / "summary.json")

@@ -12,7 +12,7 @@ import torch
 from flwr.app import Context, Message, RecordDict
 
 from fedsim.algorithms.fedhyper import FedHyperClient
-from fedsim.engine.devices import default_device
+from fedsim.runtime import default_device
 from fedsim.federation import get_federation
 from fedsim.flower.codec import config_record, from_record, metric_record, scenario_from_config, to_record
 from fedsim.seeding import torch_generator, torch_rng

@@ -11,8 +11,8 @@ from typing import Any, Mapping
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
-from flwr.common.serde import message_from_proto, message_to_proto
 
+from fedsim.flower.compat import message_from_bytes, message_nbytes, message_to_bytes
 from fedsim.scenario import Scenario, validate_dict
 
 SCENARIO_KEY = "fedsim.scenario"
@@ -23,6 +23,8 @@ MIN_NODES_KEY = "fedsim.min-nodes"
 NODE_WAIT_KEY = "fedsim.node-wait-s"
 #: "true": continue the run in the out dir from its latest checkpoint.
 RESUME_KEY = "fedsim.resume"
+#: "true": resume even when the scenario, partition or fedsim version differ from the checkpoint's.
+FORCE_KEY = "fedsim.force-resume"
 #: "true": print the result files into the ServerApp log (a remote SuperLink's disk is not ours).
 SHIP_KEY = "fedsim.ship-results"
 
@@ -47,25 +49,17 @@ def metric_record(values: Mapping[str, float | int]) -> MetricRecord:
     return MetricRecord({k: (int(v) if isinstance(v, (int, np.integer)) else float(v)) for k, v in values.items()})
 
 
-def message_nbytes(message: Message) -> int:
-    """Bytes of the message as Flower serializes it (protobuf)."""
-    return int(message_to_proto(message).ByteSize())
-
-
 def roundtrip(message: Message) -> tuple[Message, int]:
     """Serialize and parse a message, as a real runtime would; returns the copy and its size."""
-    proto = message_to_proto(message)
-    data = proto.SerializeToString()
-    proto2 = type(proto)()
-    proto2.ParseFromString(data)
-    return message_from_proto(proto2), len(data)
+    data = message_to_bytes(message)
+    return message_from_bytes(data), len(data)
 
 
 def make_run_config(scenario: Scenario, out_dir, progress: str = "auto", resume: bool = False,
-                    **extra: Any) -> dict[str, Any]:
+                    force: bool = False, **extra: Any) -> dict[str, Any]:
     """The Flower run config of a fedsim run (every engine passes the scenario this way)."""
     return {SCENARIO_KEY: scenario_to_config(scenario), OUT_DIR_KEY: str(out_dir), PROGRESS_KEY: progress,
-            RESUME_KEY: "true" if resume else "false", **extra}
+            RESUME_KEY: "true" if resume else "false", FORCE_KEY: "true" if force else "false", **extra}
 
 
 def scenario_to_config(scenario: Scenario) -> str:

@@ -19,7 +19,7 @@ from flwr.serverapp import Grid
 
 import fedsim
 from fedsim.algorithms.fedhyper import state_from_arrays, state_to_arrays
-from fedsim.engine.devices import default_device
+from fedsim.runtime import default_device
 from fedsim.errors import RunError
 from fedsim.federation import Federation, get_federation
 from fedsim.flower.codec import (MIN_NODES_KEY, NODE_WAIT_KEY, OUT_DIR_KEY, PROGRESS_KEY, RESUME_KEY, SHIP_KEY,

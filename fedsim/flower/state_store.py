@@ -9,10 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from flwr.app import RecordDict
-from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
-from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
-from fedsim.results.summary import atomic_write_bytes
+from fedsim.flower.compat import recorddict_from_bytes, recorddict_to_bytes
+from fedsim.runtime.files import atomic_write_bytes
 
 
 def state_path(state_dir: Path, node_id: int) -> Path:
@@ -25,13 +24,11 @@ def load_state(state_dir: Path | None, node_id: int) -> RecordDict:
     path = state_path(state_dir, node_id) if state_dir else None
     if path is None or not path.exists():
         return RecordDict()
-    proto = ProtoRecordDict()
-    proto.ParseFromString(path.read_bytes())
-    return recorddict_from_proto(proto)
+    return recorddict_from_bytes(path.read_bytes())
 
 
 def save_state(state_dir: Path | None, node_id: int, state: RecordDict) -> None:
     """Write a node's state (nothing when it is empty), atomically, readable by the owner only."""
     if state_dir is None or not len(state):
         return
-    atomic_write_bytes(state_path(state_dir, node_id), recorddict_to_proto(state).SerializeToString(), mode=0o600)
+    atomic_write_bytes(state_path(state_dir, node_id), recorddict_to_bytes(state), mode=0o600)

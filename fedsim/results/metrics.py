@@ -24,7 +24,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-from fedsim.results.summary import atomic_write_text, to_jsonable
+from fedsim.results.summary import to_jsonable
+from fedsim.runtime.files import atomic_write_text
 
 __all__ = ["JSONL_NAME", "CSV_NAME", "MetricsWriter", "read_metrics", "write_csv"]
 

@@ -18,14 +18,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from fedsim.runtime.files import atomic_write_text
+
 __all__ = [
     "accuracy_figures",
-    "atomic_write_text",
     "build_summary",
     "read_json",
     "rounds_to_target",
@@ -62,31 +62,6 @@ def to_jsonable(value: Any) -> Any:
     if isinstance(value, os.PathLike):
         return os.fspath(value)
     raise TypeError(f"value of type {type(value).__name__} has no JSON form: {value!r}")
-
-
-def atomic_write_bytes(path: str | Path, data: bytes, mode: int = 0o644) -> None:
-    """Writes ``data`` to ``path`` atomically (temporary file in the same folder + ``os.replace``).
-
-    A reader sees either the old file or the complete new one; a crash leaves no
-    partial file (the temporary file is removed on error). The file gets ``mode``; the
-    temporary file is private (0600) until then, so ``mode=0o600`` never exposes the data.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Writes UTF-8 ``text`` to ``path`` atomically (see :func:`atomic_write_bytes`)."""
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def write_json(path: str | Path, obj: Any) -> None:

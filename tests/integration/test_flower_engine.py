@@ -33,13 +33,13 @@ def test_same_model_as_inprocess_and_nothing_left_behind(tmp_path, tiny_yaml, mo
     from fedsim.engine import flower as flower_engine
 
     started: list[int] = []
-    original = flower_engine.LocalFederation._spawn
+    original = flower_engine.LoopbackDeployment._spawn
 
     def spawn(self, name, args, log):
         original(self, name, args, log)
         started.append(self.procs[-1].pid)
 
-    monkeypatch.setattr(flower_engine.LocalFederation, "_spawn", spawn)
+    monkeypatch.setattr(flower_engine.LoopbackDeployment, "_spawn", spawn)
     text = tiny_yaml.replace("rounds: 3", "rounds: 2")
     run_scenario(parse_scenario(text + "engine: {kind: inprocess}\n"), tmp_path / "a", progress="none")
     summary = run_scenario(parse_scenario(text + "engine: {kind: flower, supernodes: 2}\n"), tmp_path / "b",
@@ -55,12 +55,12 @@ def test_remote_superlink_over_tls_brings_results_home(tmp_path, tiny_yaml):
     """engine.superlink + root_certificates: submit to an already-running TLS SuperLink; the result
     files come back through the run's log into the local run directory."""
     from fedsim.deploy import make_certs
-    from fedsim.engine import flower_env
-    from fedsim.engine.flower import LocalFederation
+    from fedsim.runtime import flower_env
+    from fedsim.engine.flower import LoopbackDeployment
 
     certs = make_certs(tmp_path / "certs", hosts=["127.0.0.1"])
     text = tiny_yaml.replace("rounds: 3", "rounds: 2")
-    with LocalFederation(tmp_path / "remote", 2, flower_env(), tls=certs) as link:
+    with LoopbackDeployment(tmp_path / "remote", 2, flower_env(), tls=certs) as link:
         scn = parse_scenario(text + f"engine: {{kind: flower, supernodes: 2, superlink: '{link.address}', "
                                     f"root_certificates: '{certs['ca_cert']}'}}\n")
         summary = run_scenario(scn, tmp_path / "local", progress="none")

@@ -12,7 +12,7 @@ from flwr.clientapp import ClientApp
 from fedsim.flower.client import handle_train
 from fedsim.flower.codec import OUT_DIR_KEY, PROGRESS_KEY, SCENARIO_KEY, from_record, scenario_to_config, to_record
 from fedsim.flower.compat import set_server_identity
-from fedsim.flower.inprocess import InProcessGrid
+from fedsim.engine.inprocess import InProcessGrid
 from fedsim.flower.runner import ServerLoop
 from fedsim.results import read_metrics
 from fedsim.scenario import parse_scenario

@@ -16,7 +16,7 @@ from typing import Callable
 
 import tomli_w
 
-
+from fedsim.flower import compat
 
 
 @dataclass(frozen=True)
@@ -55,20 +55,8 @@ def app_pyproject(run_config: dict) -> bytes:
 
 def build_fab(run_config: dict) -> tuple[bytes, str]:
     """The FAB bytes and their sha256 (what the SuperLink identifies the app by)."""
-    from flwr.cli.build import build_fab_from_files
-
-    fab_bytes, _ = build_fab_from_files({"pyproject.toml": app_pyproject(run_config)})
+    fab_bytes = compat.build_fab({"pyproject.toml": app_pyproject(run_config)})
     return fab_bytes, hashlib.sha256(fab_bytes).hexdigest()
-
-
-def control_client(address: str, root_certificates: str | None = None):
-    """A Control API client for ``address`` (insecure when no CA certificate is given)."""
-    from flwr.cli.typing import SuperLinkConnection
-    from flwr.cli.utils import init_http_client_from_connection
-
-    conn = SuperLinkConnection(name="fedsim", address=address, root_certificates=root_certificates,
-                               insecure=root_certificates is None)
-    return init_http_client_from_connection(conn)
 
 
 def submit(client, run_config: dict, simulation: dict | None = None) -> int:
@@ -76,26 +64,15 @@ def submit(client, run_config: dict, simulation: dict | None = None) -> int:
 
     ``simulation`` (a simulation SuperLink only): ``num_supernodes`` and client resources.
     """
-    from flwr.common.serde import fab_to_proto, user_config_to_proto
-    from flwr.proto.control_pb2 import StartRunRequest
-    from flwr.supercore.fab import Fab
-    from flwr.supercore.utils import simulation_config_from_json
-
     fab_bytes, digest = build_fab(run_config)
-    req = StartRunRequest(fab=fab_to_proto(Fab(digest, fab_bytes, {})), override_config=user_config_to_proto({}),
-                          federation="", app_spec="")
-    if simulation:
-        req.override_federation_config.CopyFrom(simulation_config_from_json(simulation))
-    return int(client.StartRun(req).run_id)
+    return int(client.StartRun(compat.start_run_request(fab_bytes, digest, simulation)).run_id)
 
 
 def wait(client, run_id: int, timeout_s: float, interval_s: float = 1.0) -> RunOutcome:
     """Poll the run status until it is finished (or ``timeout_s`` passes: status ``timeout``)."""
-    from flwr.proto.control_pb2 import ListRunsRequest
-
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        status = client.ListRuns(ListRunsRequest(run_id=run_id)).run_dict[run_id].status
+        status = client.ListRuns(compat.list_runs_request(run_id)).run_dict[run_id].status
         if status.status == "finished":
             return RunOutcome(run_id, status.status, status.sub_status, status.details)
         time.sleep(interval_s)
@@ -123,10 +100,8 @@ class LogFollower:
         self._thread.join(timeout=60)
 
     def _follow(self) -> None:
-        from flwr.proto.control_pb2 import StreamLogsRequest
-
         try:
-            for res in self.client.StreamLogs(StreamLogsRequest(run_id=self.run_id, after_timestamp=0.0)):
+            for res in self.client.StreamLogs(compat.stream_logs_request(self.run_id)):
                 self._feed(res.log_output)
         except Exception as exc:  # logs are a courtesy; the run status is what counts
             self.parts.append(f"\n(log stream ended: {exc})\n")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fedsim.engine.devices import plan_workers, worker_env
+from fedsim.runtime.devices import plan_workers, worker_env
 
 
 def test_cpu_defaults_and_counts():

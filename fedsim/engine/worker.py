@@ -1,6 +1,7 @@
 """A persistent client worker: a gRPC server on 127.0.0.1 that runs the ClientApp for its nodes.
 
-Started by ``fedsim.engine.pool`` as ``python -m fedsim.flower.worker``. It keeps the
+Started by ``fedsim.engine.pool`` as ``python -m fedsim.engine.worker``. It serves fedsim's
+ClientApp (``clients.app:app``) and nothing else. It keeps the
 model code, data and (on a GPU) the CUDA context warm across rounds, serves many
 virtual clients one message at a time, and keeps each node's ``context.state`` in a
 file under the run directory (mode 0600, ``fedsim.flower.state_store``), so client state
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import hmac
-import importlib
 import json
 import os
 import signal
@@ -28,17 +28,8 @@ from types import MappingProxyType
 
 import grpc
 
-from fedsim.engine.pool import PORT_PREFIX, TOKEN_ENV
+from fedsim.engine.pool import GRPC_OPTIONS, PORT_PREFIX, SERVICE, TOKEN_ENV, TOKEN_HEADER
 from fedsim.flower.state_store import load_state, save_state
-
-SERVICE = "fedsim.Worker"
-#: gRPC metadata key carrying the per-run worker token.
-TOKEN_HEADER = "x-fedsim-token"
-#: Run-config key naming the ClientApp a worker serves (``module:attribute``).
-CLIENT_APP_KEY = "fedsim.client-app"
-DEFAULT_CLIENT_APP = "clients.app:app"
-#: gRPC's default 4 MiB message cap is far too small for model weights.
-GRPC_OPTIONS = [("grpc.max_send_message_length", 1 << 30), ("grpc.max_receive_message_length", 1 << 30)]
 
 
 class WorkerService:
@@ -58,7 +49,8 @@ class WorkerService:
         cfg = json.loads(request)
         self.run_config, self.run_id = cfg["run_config"], int(cfg.get("run_id", 1))
         self.state_dir = Path(cfg["state_dir"]) if cfg.get("state_dir") else None
-        self.client_app = load_client_app(str(self.run_config.get(CLIENT_APP_KEY, DEFAULT_CLIENT_APP)))
+        from clients.app import app
+        self.client_app = app
         _warm_up(self.run_config)
         return b"ok"
 
@@ -73,19 +65,17 @@ class WorkerService:
         if self.client_app is None:
             ctx.abort(grpc.StatusCode.FAILED_PRECONDITION, "worker not configured")
         from flwr.app import Error, Message
-        from flwr.common.serde import message_from_proto, message_to_proto
-        from flwr.proto.message_pb2 import Message as ProtoMessage
 
-        proto = ProtoMessage()
-        proto.ParseFromString(request)
-        msg = message_from_proto(proto)
+        from fedsim.flower.compat import CLIENT_EXCEPTION, message_from_bytes, message_to_bytes
+
+        msg = message_from_bytes(request)
         context = self._context(msg.metadata.dst_node_id)
         try:
             reply = self.client_app(msg, context)  # type: ignore[misc]
         except Exception as exc:  # becomes an error reply, like a crashing ClientApp in Flower's runtimes
-            reply = Message(Error(code=1, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
+            reply = Message(Error(code=CLIENT_EXCEPTION, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
         save_state(self.state_dir, msg.metadata.dst_node_id, context.state)
-        return message_to_proto(reply).SerializeToString()
+        return message_to_bytes(reply)
 
     def _context(self, node_id: int):
         from flwr.app import Context
@@ -95,12 +85,6 @@ class WorkerService:
                                              state=load_state(self.state_dir, node_id),
                                              run_config=MappingProxyType(self.run_config))  # type: ignore[arg-type]
         return self.contexts[node_id]
-
-
-def load_client_app(ref: str):
-    """Import a ClientApp from ``module:attribute`` (default ``clients.app:app``)."""
-    module, _, attr = ref.partition(":")
-    return getattr(importlib.import_module(module), attr or "app")
 
 
 def _warm_up(run_config: dict) -> None:
@@ -129,12 +113,12 @@ def _watch_parent(parent_pid: int, server: grpc.Server) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Serve until SIGTERM or until the parent process disappears."""
-    parser = argparse.ArgumentParser(prog="python -m fedsim.flower.worker")
+    parser = argparse.ArgumentParser(prog="python -m fedsim.engine.worker")
     parser.add_argument("--parent-pid", type=int, required=True)
     args = parser.parse_args(argv)
     import torch
     torch.set_num_threads(1)
-    from fedsim.engine import FLOWER_ENV
+    from fedsim.runtime import FLOWER_ENV
     os.environ.update(FLOWER_ENV)
     service = WorkerService()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=1), options=GRPC_OPTIONS)

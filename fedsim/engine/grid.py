@@ -8,7 +8,7 @@ from typing import Iterable
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
-from fedsim.flower.compat import empty_run
+from fedsim.flower.compat import assign_message_id, empty_run
 
 #: Virtual node ids start here (Flower reserves small ids such as SUPERLINK_NODE_ID = 1).
 NODE_ID_BASE = 1_000
@@ -46,7 +46,7 @@ class LocalGrid(Grid):
         """Give each message an id (a SuperLink would), deliver them, and keep the replies until pulled."""
         msgs = list(messages)
         for msg in msgs:
-            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex   # private: the SuperLink assigns it
+            assign_message_id(msg, uuid.uuid4().hex)      # a SuperLink would assign it
         for reply in self._deliver(msgs, timeout):
             self._replies[reply.metadata.reply_to_message_id] = reply
         return [m.metadata.message_id for m in msgs]
