@@ -4,4 +4,4 @@ One YAML scenario describes a federation; ``fedsim run`` trains it. Every algori
 under ``fedsim.algorithms`` is importable alone, with no Flower and no YAML.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

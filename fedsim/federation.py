@@ -1,5 +1,8 @@
 """A Federation: a validated scenario turned into data, a client partition and a model factory.
 
+It holds what every algorithm shares and nothing algorithm-specific: the algorithms a scenario
+selects are built by :mod:`fedsim.builder`.
+
 Both sides build the same Federation from the same scenario: the server uses the test
 split, client sizes and the initial model; a client uses its own partition. Everything is
 a pure function of the scenario (and its seed), so every process agrees without talking.
@@ -21,8 +24,6 @@ from collections import OrderedDict
 import numpy as np
 from torch import nn
 
-from fedsim.algorithms import fedhyper
-from fedsim.algorithms.aggregate import ServerOptimizer, server_optimizer
 from fedsim.data import Dataset, load_dataset, make_partition, partition_stats
 from fedsim.models import build_model
 from fedsim.scenario import Scenario, ScenarioError, config_sha256
@@ -98,30 +99,11 @@ class Federation:
             self._client_model = self.build_model()
         return self._client_model
 
-    def trainable_mask(self) -> list[bool]:
-        """Per ``state_dict`` entry: a trained parameter (True) or a buffer (False)."""
-        model = self.build_model()
+    def trainable_names(self) -> list[str]:
+        """The ``state_dict`` entries that are trained parameters (the rest are buffers), in order."""
+        model = self.client_model()
         params = {name for name, p in model.named_parameters() if p.requires_grad}
-        return [name in params for name in model.state_dict()]
-
-    def server_optimizer(self) -> ServerOptimizer:
-        """The server step: the strategy's optimizer, or the ``lr_schedule``'s scheduler."""
-        strategy, sched = self.scenario.strategy, self.scenario.lr_schedule
-        if sched is None or sched.kind == "constant":
-            return server_optimizer(strategy.name, **strategy.model_dump(exclude={"name", "proximal_mu"}))
-        mask = self.trainable_mask()
-        if sched.kind == "decay":
-            return fedhyper.decay_server(sched.decay_target, alpha0=sched.alpha0, rate=sched.decay_rate,
-                                         trainable=mask)
-        if sched.kind == "fedexp":
-            return fedhyper.fedexp_server(eps=sched.fedexp_eps, trainable=mask)
-        settings = sched.model_dump()
-        return fedhyper.fedhyper_server(sched.variant, **fedhyper.server_kwargs(settings), trainable=mask)
-
-    def cl_kwargs(self) -> dict:
-        """Keyword arguments of the FedHyper CL client rule (``beta_lg: auto`` resolved)."""
-        sched = self.scenario.lr_schedule
-        return fedhyper.client_kwargs(sched.model_dump(), self.cohort_size) if sched is not None else {}
+        return [name for name in model.state_dict() if name in params]
 
     def initial_arrays(self) -> dict[str, np.ndarray]:
         """The initial global model as named numpy arrays (``state_dict`` order)."""

@@ -1,5 +1,13 @@
-"""fedsim's algorithms as pure cores: no Flower, no YAML, importable into any federated loop."""
+"""fedsim's algorithms: pure cores (no Flower, no YAML) importable into any federated loop, plus
+their plugins for fedsim's server and client contracts (:mod:`fedsim.core`).
 
-from fedsim.algorithms.aggregate import ServerOptimizer, apply_step, mean_update, server_optimizer
+- :mod:`~fedsim.algorithms.optimizers`: FedAvg, FedAvgM, FedAdam as server transforms.
+- :mod:`~fedsim.algorithms.fedprox`: FedProx's proximal term.
+- :mod:`~fedsim.algorithms.fedhyper`: FedHyper's G/GM/SL/CL schedulers, Decay, FedExp.
+- :mod:`~fedsim.algorithms.scaffold`: SCAFFOLD's control variates (option II).
+"""
 
-__all__ = ["ServerOptimizer", "apply_step", "mean_update", "server_optimizer"]
+from fedsim.algorithms.optimizers import fedadam, fedavg, fedavgm, server_optimizer
+from fedsim.core.arrays import apply_updates, mean_update
+
+__all__ = ["apply_updates", "fedadam", "fedavg", "fedavgm", "mean_update", "server_optimizer"]

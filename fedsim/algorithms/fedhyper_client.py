@@ -9,7 +9,9 @@ except on the first minibatch of each epoch, sets
     b <- clip(b * min(rho, 1 + h), b_min, b_max),    delta_prev <- delta.
 
 ``b`` and ``delta_prev`` live for one round only (make a new object per round); nothing here is
-persisted or sent, except the optional metric ``cl_b_final``.
+persisted or sent, except the round metrics (:meth:`FedHyperClient.metrics`). :class:`ClientLR` is
+the rule as a fedsim client plugin (it receives ``Delta_{t-1}`` from
+:class:`fedsim.algorithms.fedhyper.PreviousUpdate`).
 
 theta_before is snapshotted internally: at construction (so build the object after loading
 ``x_t`` into the model) and at the end of every real :meth:`FedHyperClient.after_step`. Call
@@ -43,6 +45,10 @@ import math
 from typing import Any, Sequence
 
 import torch
+
+from fedsim.core.arrays import Named
+from fedsim.core.client import ClientPlugin, ClientResult, ClientRound, LocalRun
+from fedsim.core.server import Payload
 
 
 def auto_beta_lg(clients_per_round: int) -> float:
@@ -85,11 +91,12 @@ class FedHyperClient:
     Attributes:
         b: the current LR factor; ``lr == base_lr * b``.
         steps: real (non-skipped) optimizer steps seen.
+        updates: steps that applied a hypergradient (every real step but the first of each epoch).
         hypergrad_skipped: steps whose hypergradient was non-finite (``b`` left unchanged).
     """
 
     def __init__(self, base_lr: float, prev_global_update: Sequence[torch.Tensor] | None,
-                 params: Sequence[torch.Tensor], *, beta_l: float = 1.0, beta_lg: float | str = 0.01,
+                 params: Sequence[torch.Tensor], *, beta_l: float = 1.0, beta_lg: float | str = "auto",
                  factor_cap: float = 1.1, bounds: Sequence[float] = (0.1, 10.0),
                  clients_per_round: int | None = None) -> None:
         self.params = list(params)
@@ -103,7 +110,7 @@ class FedHyperClient:
             raise ValueError(f"need 0 <= b_min <= b_max < inf and factor_cap > 0, got {bounds}, {factor_cap}")
         self.base_lr, self.beta_l, self.beta_lg = float(base_lr), float(beta_l), float(beta_lg)
         self.factor_cap, self.bounds = float(factor_cap), (lo, hi)
-        self.b, self.steps, self.hypergrad_skipped = 1.0, 0, 0
+        self.b, self.steps, self.updates, self.hypergrad_skipped = 1.0, 0, 0, 0
         self._delta_prev: list[torch.Tensor] | None = self._global
         self._first = True
         self.before_step()
@@ -168,10 +175,47 @@ class FedHyperClient:
         if not math.isfinite(h):
             self.hypergrad_skipped += 1
             return
+        self.updates += 1
         self.b = min(max(self.b * min(self.factor_cap, 1.0 + h), self.bounds[0]), self.bounds[1])
         self._delta_prev = delta
 
     def metrics(self) -> dict[str, float]:
-        """Round metrics for the reply: ``cl_b_final``, ``cl_steps``, ``cl_hypergrad_skipped``."""
-        return {"cl_b_final": self.b, "cl_steps": float(self.steps),
-                "cl_hypergrad_skipped": float(self.hypergrad_skipped)}
+        """Round metrics for the reply: ``cl_b_final``, ``cl_steps``, ``cl_updates``, ``cl_hypergrad_skipped``."""
+        return {"cl_b_final": self.b, "cl_steps": self.steps, "cl_updates": self.updates,
+                "cl_hypergrad_skipped": self.hypergrad_skipped}
+
+
+class _CLRound(ClientRound):
+    def __init__(self, name: str, cl: FedHyperClient):
+        self.name, self.cl = name, cl
+
+    def on_epoch(self, run: LocalRun) -> None:
+        self.cl.start_epoch()
+
+    def after_step(self, run: LocalRun, skipped: bool) -> None:
+        self.cl.after_step(None, skipped)
+        run.lr_factors[self.name] = self.cl.b
+
+    def finish(self, run: LocalRun, model: Named) -> ClientResult:
+        return ClientResult(metrics=self.cl.metrics())
+
+
+class ClientLR(ClientPlugin):
+    """FedHyper-CL as a client plugin: a fresh :class:`FedHyperClient` per round, fed the previous
+    global update from the downlink group ``prev_update`` (absent in the first round).
+
+    Args:
+        name: the plugin name (shared with its server side).
+        beta_l, beta_lg, factor_cap, bounds: as in :class:`FedHyperClient` (``beta_lg`` resolved).
+    """
+
+    def __init__(self, name: str, *, beta_l: float, beta_lg: float, factor_cap: float,
+                 bounds: Sequence[float]) -> None:
+        self.name = name
+        self.kwargs = {"beta_l": beta_l, "beta_lg": beta_lg, "factor_cap": factor_cap, "bounds": tuple(bounds)}
+
+    def begin(self, run: LocalRun, downlink: Payload, state: Any) -> ClientRound:
+        params = run.trainable()
+        prev = downlink.arrays.get("prev_update")
+        prev_t = [torch.from_numpy(prev[k]) for k in params] if prev else None
+        return _CLRound(self.name, FedHyperClient(run.base_lr, prev_t, list(params.values()), **self.kwargs))

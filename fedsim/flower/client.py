@@ -1,7 +1,12 @@
-"""Client-side message handlers: decode a Flower message, train or evaluate, encode the reply.
+"""Client-side message handlers: decode a Flower message, run the local round, encode the reply.
 
-These are what ``clients/app.py`` registers on the ClientApp. The client never mutates
-``context.run_config``; everything it needs per round travels in the message config.
+These are what ``clients/app.py`` registers on the ClientApp. A TRAIN message becomes a
+:class:`~fedsim.core.client.LocalRun` (the global model, the client's shuffled batches, the
+scenario's optimizer and loss) driven with the hooks of every client plugin the scenario
+selects; each plugin gets its part of the message and the state it kept in ``context.state``
+the last time this client trained, and returns what it adds to the reply and the state to keep.
+The handler knows no algorithm. The client never mutates ``context.run_config``; everything it
+needs per round travels in the message.
 """
 
 from __future__ import annotations
@@ -9,17 +14,25 @@ from __future__ import annotations
 import time
 
 import torch
-from flwr.app import Context, Message, RecordDict
+import torch.nn.functional as F
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-from fedsim.algorithms.fedhyper import FedHyperClient
+from fedsim.builder import client_plugins
+from fedsim.core.client import ClientPlugin, LocalRun, check_private
+from fedsim.federation import Federation, get_federation
+from fedsim.flower.codec import (CONFIG_RECORD, METRICS_RECORD, MODEL_RECORD, config_record, from_record,
+                                 load_client_state, metric_record, plugin_payload, save_client_state,
+                                 scenario_from_config, to_record)
 from fedsim.runtime import default_device
-from fedsim.federation import get_federation
-from fedsim.flower.codec import config_record, from_record, metric_record, scenario_from_config, to_record
+from fedsim.scenario import Scenario
 from fedsim.seeding import torch_generator, torch_rng
-from fedsim.train import evaluate, local_train
+from fedsim.train import ShuffledBatches, evaluate, make_optimizer, run_local
+
+#: ``context.state`` record with the generic per-client bookkeeping (rounds trained, the last one).
+CLIENT_RECORD = "client-{cid}/fedsim"
 
 
-def _federation(context: Context):
+def _federation(context: Context) -> tuple[Scenario, Federation]:
     """The run's scenario and Federation; a SuperNode's ``data-dir`` node config overrides ``data.root``."""
     scn = scenario_from_config(context.run_config)
     data_dir = context.node_config.get("data-dir")
@@ -28,9 +41,21 @@ def _federation(context: Context):
     return scn, get_federation(scn)
 
 
-def _load_global(msg: Message, fed) -> torch.nn.Module:
+_PLUGINS: dict[int, tuple[Federation, list[ClientPlugin]]] = {}
+
+
+def _plugins(scn: Scenario, fed: Federation) -> list[ClientPlugin]:
+    """The scenario's client plugins, built once per Federation (they hold no per-client state)."""
+    cached = _PLUGINS.get(id(fed))
+    if cached is None or cached[0] is not fed:
+        _PLUGINS.clear()
+        cached = _PLUGINS[id(fed)] = (fed, client_plugins(scn, fed))
+    return cached[1]
+
+
+def _load_global(msg: Message, fed: Federation) -> torch.nn.Module:
     model = fed.client_model()
-    state = {k: torch.from_numpy(v) for k, v in from_record(msg.content["arrays"]).items()}
+    state = {k: torch.from_numpy(v) for k, v in from_record(msg.content[MODEL_RECORD]).items()}
     model.load_state_dict(state, strict=True)
     return model
 
@@ -39,41 +64,54 @@ def handle_train(msg: Message, context: Context) -> Message:
     """Train the global model on the virtual client named in the message; reply with new weights."""
     start = time.perf_counter()
     scn, fed = _federation(context)
-    cfg = msg.content["config"]
-    rnd, cid = int(cfg["server-round"]), int(cfg["client-id"])
-    model = _load_global(msg, fed)
+    cfg = dict(msg.content[CONFIG_RECORD])
+    rnd, cid, device = int(cfg["server-round"]), int(cfg["client-id"]), default_device()
+    local = scn.federation.local
+    model = _load_global(msg, fed).to(device)
     x, y = fed.client_data(cid)
-    local, lr, device = scn.federation.local, float(cfg["lr"]), default_device()
-    cl = _cl_rule(msg, fed, model.to(device), lr) if cfg.get("fedhyper-cl") else None
+    run = LocalRun(model, ShuffledBatches(x, y, batch_size=local.batch_size, epochs=local.epochs, steps=local.steps,
+                                          generator=torch_generator(scn.seed, "train", rnd, cid), device=device),
+                   lambda params, lr: make_optimizer(params, local.optimizer, lr, local.momentum, local.weight_decay),
+                   F.cross_entropy, base_lr=float(cfg["lr"]), device=device, server_round=rnd, client_id=cid,
+                   phase=str(cfg.get("phase", "train")))
+    plugins = _plugins(scn, fed)
+    states = [load_client_state(context.state, cid, p.name) for p in plugins]
+    rounds = [p.begin(run, plugin_payload(msg.content, cfg, p.name), s) for p, s in zip(plugins, states)]
     with torch_rng(scn.seed, "train-rng", rnd, cid, device=device):   # dropout & co.: (seed, round, client)
-        out = local_train(model, x, y, epochs=local.epochs, steps=local.steps, batch_size=local.batch_size,
-                          optimizer=local.optimizer, lr=lr, momentum=local.momentum,
-                          weight_decay=local.weight_decay, proximal_mu=float(cfg.get("proximal-mu", 0.0)),
-                          generator=torch_generator(scn.seed, "train", rnd, cid), device=device,
-                          on_epoch=cl.start_epoch if cl else None, on_step=cl.after_step if cl else None)
-    arrays = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
-    metrics = {"num-examples": out["num_examples"], "train_loss": out["train_loss"], "steps": out["steps"],
-               "compute_s": time.perf_counter() - start, "client-id": cid, "server-round": rnd,
-               "lr_local": cl.lr if cl else lr, **(cl.metrics() if cl else {})}
-    return Message(RecordDict({"arrays": to_record(arrays), "metrics": metric_record(metrics)}), reply_to=msg)
+        out = run_local(run, rounds)
+    upload = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+    records: dict = {}
+    metrics = {"num-examples": int(len(y)), "train_loss": out["train_loss"], "steps": run.steps,
+               "client-id": cid, "server-round": rnd, "lr_local": run.lr}
+    for plugin, state, r in zip(plugins, states, rounds):
+        result = r.finish(run, upload)
+        check_private(plugin, result.state, result)
+        upload = result.model if result.model is not None else upload
+        records.update({f"{plugin.name}.{g}": to_record(a) for g, a in result.arrays.items()})
+        metrics.update(result.metrics)
+        save_client_state(context.state, cid, plugin.name, result.state)
+    _count_round(context.state, cid, rnd)
+    metrics["compute_s"] = time.perf_counter() - start
+    content = RecordDict({MODEL_RECORD: to_record(upload), **records, METRICS_RECORD: metric_record(metrics)})
+    return Message(content, reply_to=msg)
 
 
-def _cl_rule(msg: Message, fed, model: torch.nn.Module, lr: float) -> FedHyperClient:
-    """FedHyper's client rule, fed the previous global update when the server sent one (round >= 2)."""
-    prev = msg.content.get("prev_update")
-    params = [p for p in model.parameters() if p.requires_grad]
-    prev_t = [torch.from_numpy(a) for a in from_record(prev).values()] if prev is not None else None
-    return FedHyperClient(lr, prev_t, params, **fed.cl_kwargs())
+def _count_round(state: RecordDict, cid: int, rnd: int) -> None:
+    """Bookkeeping every client keeps: how many rounds it trained in, and the last one."""
+    key = CLIENT_RECORD.format(cid=cid)
+    rounds = int(state[key]["rounds"]) if key in state else 0
+    state[key] = ConfigRecord({"rounds": rounds + 1, "last_round": rnd})
 
 
 def handle_evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model on the client's own examples (client-side evaluation)."""
     scn, fed = _federation(context)
-    cfg = msg.content["config"]
+    cfg = msg.content[CONFIG_RECORD]
     cid = int(cfg["client-id"])
     model = _load_global(msg, fed)
     x, y = fed.client_data(cid)
     out = evaluate(model, x, y, batch_size=scn.federation.eval_batch_size, device=default_device())
     metrics = {"num-examples": out["num_examples"], "eval_loss": out["loss"], "eval_accuracy": out["accuracy"],
                "client-id": cid, "server-round": int(cfg["server-round"])}
-    return Message(RecordDict({"metrics": metric_record(metrics), "config": config_record({})}), reply_to=msg)
+    return Message(RecordDict({METRICS_RECORD: metric_record(metrics), CONFIG_RECORD: config_record({})}),
+                   reply_to=msg)

@@ -1,4 +1,11 @@
-"""Encoding between fedsim's numpy arrays / scalars and Flower records; message sizes on the wire.
+"""Encoding between fedsim's arrays, scalars and state and Flower records; message sizes on the wire.
+
+The message layout (both directions): the record ``arrays`` holds the model; ``config``
+(downlink) or ``metrics`` (reply) the scalars; a plugin's array group ``g`` travels as the
+record ``<plugin>.<g>`` and its scalars as ``<plugin>.<key>``. A client's plugin state lives in
+``context.state`` as ``client-<id>/<plugin>`` (arrays) and ``client-<id>/<plugin>/tree`` (the JSON
+skeleton of :mod:`fedsim.core.state`), keyed by client because one Flower node may serve many
+virtual clients.
 
 Only Flower's own protobuf serialization is used (never pickle): ``message_nbytes`` is the
 size of the serialized protobuf, i.e. what a Flower runtime actually sends.
@@ -10,10 +17,15 @@ import json
 from typing import Any, Mapping
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
+from fedsim.core.server import Payload
+from fedsim.core.state import flatten, unflatten
 from fedsim.flower.compat import message_from_bytes, message_nbytes, message_to_bytes
 from fedsim.scenario import Scenario, validate_dict
+
+#: The records of a message that are not plugin groups.
+MODEL_RECORD, CONFIG_RECORD, METRICS_RECORD = "arrays", "config", "metrics"
 
 SCENARIO_KEY = "fedsim.scenario"
 OUT_DIR_KEY = "fedsim.out-dir"
@@ -37,6 +49,40 @@ def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
 def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
     """ArrayRecord -> named numpy arrays (order preserved)."""
     return {k: v.numpy() for k, v in record.items()}
+
+
+def plugin_payload(content: RecordDict, scalars: Mapping[str, Any], plugin: str) -> Payload:
+    """A plugin's part of a message: its records ``<plugin>.<group>`` and scalars ``<plugin>.<key>``."""
+    prefix = f"{plugin}."
+    arrays = {k[len(prefix):]: from_record(v) for k, v in content.items()
+              if k.startswith(prefix) and isinstance(v, ArrayRecord)}
+    return Payload(arrays, {k[len(prefix):]: v for k, v in scalars.items() if k.startswith(prefix)})
+
+
+def _state_keys(cid: int, plugin: str) -> tuple[str, str]:
+    return f"client-{cid}/{plugin}", f"client-{cid}/{plugin}/tree"
+
+
+def load_client_state(state: RecordDict, cid: int, plugin: str) -> Any:
+    """A plugin's saved state for client ``cid`` (None when it has none)."""
+    arrays_key, tree_key = _state_keys(cid, plugin)
+    if tree_key not in state:
+        return None
+    arrays = from_record(state[arrays_key]) if arrays_key in state else {}
+    return unflatten(arrays, str(state[tree_key]["json"]))
+
+
+def save_client_state(state: RecordDict, cid: int, plugin: str, value: Any) -> None:
+    """Keep (or, with None, drop) a plugin's state for client ``cid`` in ``context.state``."""
+    arrays_key, tree_key = _state_keys(cid, plugin)
+    for key in (arrays_key, tree_key):
+        if key in state:
+            del state[key]
+    if value is None:
+        return
+    arrays, tree = flatten(value)
+    state[arrays_key] = to_record(arrays)
+    state[tree_key] = ConfigRecord({"json": tree})
 
 
 def config_record(values: Mapping[str, Any]) -> ConfigRecord:

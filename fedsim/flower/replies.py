@@ -1,27 +1,33 @@
 """Validation of client replies: every reply is untrusted and is accepted or rejected with a reason.
 
-A rejected reply never stops the round; the strategy aggregates the replies that passed.
+What a valid reply contains follows the round's plan (:class:`fedsim.core.server.RoundPlan`):
+the model arrays the algorithms asked for (dense, or only the kept entries of a mask), each
+plugin's array groups, and the required metrics. A rejected reply never stops the round; the
+strategy aggregates the replies that passed.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
 
-from fedsim.flower.codec import from_record, message_nbytes
+from fedsim.core.arrays import Named
+from fedsim.core.server import ArraySpec
+from fedsim.flower.codec import METRICS_RECORD, MODEL_RECORD, from_record, message_nbytes
 
 
 @dataclass
 class Accepted:
-    """A reply that passed every check."""
+    """A reply that passed every check, decoded (sparse arrays scattered back to dense)."""
 
     cid: int
-    arrays: list[np.ndarray]
     weight: float
-    metrics: dict[str, float]
+    model: Named
+    groups: dict[str, dict[str, Named]]        # plugin -> group -> arrays
+    metrics: dict[str, Any]
     nbytes: int
 
 
@@ -36,13 +42,18 @@ class Rejected:
 
 @dataclass
 class Expectation:
-    """What the server expects back this round."""
+    """What the server expects back this round.
+
+    ``model_spec`` None: the reply carries no arrays at all (evaluation).
+    """
 
     server_round: int
     node_of: Mapping[int, int]                   # client id -> node id it was sent to
-    specs: Mapping[str, tuple[tuple[int, ...], np.dtype]]   # array name -> (shape, dtype)
     sizes: Mapping[int, int]                     # client id -> examples the partition gave it
     max_bytes: int
+    model_spec: Mapping[str, ArraySpec] | None = None
+    group_specs: Mapping[str, Mapping[str, ArraySpec]] = field(default_factory=dict)
+    plugin_of: Mapping[str, tuple[str, str]] = field(default_factory=dict)   # record -> (plugin, group)
     required: tuple[str, ...] = ()               # metrics that must be finite scalars (>= 0 for *_s)
     seen: set[int] = field(default_factory=set)
 
@@ -55,7 +66,7 @@ class ReplyError(ValueError):
     """Why a reply is rejected (one reason, in words a person can act on)."""
 
 
-def check_reply(msg: Message, exp: Expectation, *, with_arrays: bool = True) -> Accepted | Rejected:
+def check_reply(msg: Message, exp: Expectation) -> Accepted | Rejected:
     """Validate one reply against the round's expectation."""
     cid = None
     nbytes = message_nbytes(msg)
@@ -72,7 +83,7 @@ def check_reply(msg: Message, exp: Expectation, *, with_arrays: bool = True) -> 
         cid = claimed if isinstance(claimed, int) else None
         _check_origin(msg, metrics, exp)
         _check_scalars(metrics, exp.required)
-        arrays = _arrays(msg, exp) if with_arrays else []
+        model, groups = _arrays(msg, exp)
         reported = metrics.get("num-examples")
         if not isinstance(reported, int) or reported <= 0:
             raise ReplyError(f"num-examples must be a positive integer (got {reported!r})")
@@ -80,20 +91,25 @@ def check_reply(msg: Message, exp: Expectation, *, with_arrays: bool = True) -> 
     except ReplyError as exc:
         return Rejected(cid, str(exc), nbytes)
     exp.seen.add(cid)
-    return Accepted(cid, arrays, weight, metrics, nbytes)
+    return Accepted(cid, weight, model, groups, metrics, nbytes)
 
 
 def _check_scalars(metrics: dict, names: tuple[str, ...]) -> None:
     for name in names:
         value = metrics.get(name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+        if not is_number(value):
             raise ReplyError(f"metric '{name}' must be a finite number (got {value!r})")
         if name.endswith("_s") and value < 0:
             raise ReplyError(f"metric '{name}' must be >= 0 (got {value!r})")
 
 
+def is_number(value: Any) -> bool:
+    """A finite int or float (not a bool, not a list)."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and bool(np.isfinite(value))
+
+
 def _metrics(msg: Message) -> dict:
-    rec = msg.content.get("metrics") if msg.has_content() else None
+    rec = msg.content.get(METRICS_RECORD) if msg.has_content() else None
     if not isinstance(rec, MetricRecord):
         raise ReplyError("reply has no 'metrics' record")
     return dict(rec)
@@ -111,20 +127,44 @@ def _check_origin(msg: Message, metrics: dict, exp: Expectation) -> None:
         raise ReplyError(f"reply is for round {metrics.get('server-round')!r}, not {exp.server_round}")
 
 
-def _arrays(msg: Message, exp: Expectation) -> list[np.ndarray]:
-    rec = msg.content.get("arrays")
-    if not isinstance(rec, ArrayRecord):
-        raise ReplyError("reply has no 'arrays' record")
-    got = from_record(rec)
-    if set(got) != set(exp.specs):
-        missing, extra = sorted(set(exp.specs) - set(got)), sorted(set(got) - set(exp.specs))
-        raise ReplyError(f"array names differ from the model (missing {missing}, unexpected {extra})")
-    out = []
-    for name, (shape, dtype) in exp.specs.items():
+def _arrays(msg: Message, exp: Expectation) -> tuple[Named, dict[str, dict[str, Named]]]:
+    records = {k: v for k, v in msg.content.items() if isinstance(v, ArrayRecord)}
+    if exp.model_spec is None:
+        if records:
+            raise ReplyError(f"reply carries arrays {sorted(records)}, none were expected")
+        return {}, {}
+    expected = dict(exp.group_specs)
+    if exp.model_spec:
+        expected[MODEL_RECORD] = exp.model_spec
+    extra = sorted(set(records) - set(expected))
+    if extra:
+        raise ReplyError(f"reply carries unexpected array records {extra}")
+    model: Named = {}
+    groups: dict[str, dict[str, Named]] = {}
+    for record, specs in expected.items():
+        if record not in records:
+            raise ReplyError(f"reply has no '{record}' record")
+        decoded = _decode(record, from_record(records[record]), specs)
+        if record == MODEL_RECORD:
+            model = decoded
+        else:
+            plugin, group = exp.plugin_of[record]
+            groups.setdefault(plugin, {})[group] = decoded
+    return model, groups
+
+
+def _decode(record: str, got: Named, specs: Mapping[str, ArraySpec]) -> Named:
+    if set(got) != set(specs):
+        missing, extra = sorted(set(specs) - set(got)), sorted(set(got) - set(specs))
+        what = "the model" if record == MODEL_RECORD else f"record '{record}'"
+        raise ReplyError(f"array names differ from {what} (missing {missing}, unexpected {extra})")
+    out: Named = {}
+    for name, spec in specs.items():
         arr = got[name]
-        if arr.shape != shape or arr.dtype != dtype:
-            raise ReplyError(f"array '{name}' is {arr.dtype}{list(arr.shape)}, expected {dtype}{list(shape)}")
+        if arr.shape != spec.wire_shape or arr.dtype != spec.dtype:
+            raise ReplyError(f"array '{name}' is {arr.dtype}{list(arr.shape)}, "
+                             f"expected {spec.dtype}{list(spec.wire_shape)}")
         if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
             raise ReplyError(f"array '{name}' has NaN or infinite values")
-        out.append(arr)
+        out[name] = spec.decode(arr)
     return out

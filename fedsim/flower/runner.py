@@ -1,12 +1,18 @@
-"""The server loop behind ``server/app.py``: rounds, evaluation, metrics, checkpoints, summary.
+"""The server loop behind ``server/app.py``: rounds, evaluation, metrics, checkpoints, resume, summary.
 
 Flower's ``Strategy.start`` has no progress, no per-round files and no checkpoints, so the
-ServerApp drives the same Strategy methods itself. It runs unchanged on any Grid: the
-in-process one, the worker pool, or a SuperLink.
+ServerApp drives fedsim's strategy itself. It runs unchanged on any Grid: the in-process one,
+the worker pool, or a SuperLink.
+
+Checkpoints (``output.checkpoint_every``) hold the global arrays and the whole server state
+(optimizer and plugins) as safetensors + JSON, and a snapshot of the client state, so a resumed
+run continues exactly — stateful clients included (on the engines that keep client state in
+the run directory: ``inprocess`` and ``workers``).
 """
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -18,34 +24,37 @@ from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid
 
 import fedsim
-from fedsim.algorithms.fedhyper import state_from_arrays, state_to_arrays
-from fedsim.runtime import default_device
+from fedsim.builder import build
+from fedsim.core.state import flatten, unflatten
 from fedsim.errors import RunError
 from fedsim.federation import Federation, get_federation
-from fedsim.flower.codec import (MIN_NODES_KEY, NODE_WAIT_KEY, OUT_DIR_KEY, PROGRESS_KEY, RESUME_KEY, SHIP_KEY,
-                                 from_record, scenario_from_config, to_record)
-from fedsim.flower.strategy import FedsimStrategy
+from fedsim.flower.codec import (FORCE_KEY, MIN_NODES_KEY, NODE_WAIT_KEY, OUT_DIR_KEY, PROGRESS_KEY, RESUME_KEY,
+                                 SHIP_KEY, message_nbytes, scenario_from_config, to_record)
+from fedsim.flower.strategy import FedsimStrategy, RoundOutcome
 from fedsim.progress import RoundProgress
-from fedsim.results import (MetricsWriter, build_summary, bundle, load_checkpoint, plot_run, read_metrics,
-                            save_checkpoint, write_json)
-from fedsim.scenario import Scenario, config_sha256, to_yaml
+from fedsim.results import MetricsWriter, build_summary, bundle, plot_run, read_metrics, save_checkpoint, write_json
+from fedsim.results.checkpoint import (checkpoint_path, iter_intact, restore_client_state, snapshot_client_state,
+                                       snapshot_path)
+from fedsim.results.metrics import CLIENTS_NAME
+from fedsim.runtime import atomic_write_text, default_device
+from fedsim.scenario import Scenario, config_diff, config_sha256, result_config, to_yaml
 from fedsim.train import evaluate
 
 
 class ResumeError(RunError):
-    """A run directory that cannot be resumed (no checkpoint, or a different scenario)."""
+    """A run directory that cannot be resumed (no intact checkpoint, or a different setup)."""
 
 
 def serve(grid: Grid, context: Context) -> dict:
     """Run the whole federation described by the run config on ``grid``; returns the summary."""
-    scn = scenario_from_config(context.run_config)
-    ship = str(context.run_config.get(SHIP_KEY, "")).lower() == "true"
-    out_dir = Path(str(context.run_config.get(OUT_DIR_KEY) or "") or tempfile.mkdtemp(prefix=f"fedsim-{scn.name}-"))
-    mode = str(context.run_config.get(PROGRESS_KEY, "auto"))
-    wait_for_nodes(grid, int(context.run_config.get(MIN_NODES_KEY, 1)),
-                   float(context.run_config.get(NODE_WAIT_KEY, 120.0)))
-    resume = str(context.run_config.get(RESUME_KEY, "")).lower() == "true"
-    summary = ServerLoop(scn, out_dir, mode, resume).run(grid)
+    cfg = context.run_config
+    scn = scenario_from_config(cfg)
+    ship = str(cfg.get(SHIP_KEY, "")).lower() == "true"
+    out_dir = Path(str(cfg.get(OUT_DIR_KEY) or "") or tempfile.mkdtemp(prefix=f"fedsim-{scn.name}-"))
+    wait_for_nodes(grid, int(cfg.get(MIN_NODES_KEY, 1)), float(cfg.get(NODE_WAIT_KEY, 120.0)))
+    resume = str(cfg.get(RESUME_KEY, "")).lower() == "true"
+    force = str(cfg.get(FORCE_KEY, "")).lower() == "true"
+    summary = ServerLoop(scn, out_dir, str(cfg.get(PROGRESS_KEY, "auto")), resume, force).run(grid)
     if ship:      # a remote submitter reads the results back from this log
         print(bundle.pack(out_dir), flush=True)
     return summary
@@ -67,14 +76,16 @@ def wait_for_nodes(grid: Grid, count: int, timeout_s: float) -> None:
 class ServerLoop:
     """One run: owns the run directory while it trains."""
 
-    def __init__(self, scenario: Scenario, out_dir: Path, progress: str = "auto", resume: bool = False):
-        self.scn, self.out, self.resume = scenario, out_dir, resume
+    def __init__(self, scenario: Scenario, out_dir: Path, progress: str = "auto", resume: bool = False,
+                 force: bool = False):
+        self.scn, self.out, self.resume, self.force = scenario, out_dir, resume, force
         self.fed: Federation = get_federation(scenario)
-        self.strategy = FedsimStrategy(self.fed)
+        self.strategy = FedsimStrategy(self.fed, build(scenario, self.fed).server)
         self.progress_mode = progress
         self.eval_model = self.fed.build_model()
         self.stats = self.fed.stats()
         self.totals = {"aggregate_s": 0.0, "wall_s": 0.0}    # carried over from a checkpoint on resume
+        self.notes: list[str] = []
 
     def run(self, grid: Grid) -> dict:
         """Train for ``federation.rounds`` rounds and write every result file."""
@@ -82,11 +93,16 @@ class ServerLoop:
         self._prepare()
         start = time.perf_counter() - self.totals["wall_s"]
         with MetricsWriter(self.out, append=self.resume) as sink, \
+                MetricsWriter(self.out, append=self.resume, name=CLIENTS_NAME, csv_name=None) as clients, \
                 RoundProgress(self.scn.federation.rounds, self.progress_mode) as bar:
+            for note in self.notes:
+                bar.note(f"[yellow]{note}[/yellow]")
             bar.note(self._partition_line() + (f"; resuming after round {done}" if done else ""))
             for rnd in range(done + 1, self.scn.federation.rounds + 1):
-                arrays, row = self._round(grid, rnd, arrays, start)
+                arrays, row, outcome = self._round(grid, rnd, arrays, start)
                 sink.write(row)
+                for client_row in outcome.clients:
+                    clients.write(client_row)
                 rows.append(row)
                 bar.update(rnd, row)
                 if not row["clients"]:
@@ -99,58 +115,24 @@ class ServerLoop:
                            "(rejected_reasons)")
         return summary
 
-    def _restore(self) -> tuple[int, dict[str, np.ndarray], list[dict]]:
-        """The latest checkpoint: its round, model and server-optimizer state; later metric rows are dropped."""
-        ckpts = sorted((self.out / "checkpoints").glob("round-*.safetensors"))
-        if not ckpts:
-            raise ResumeError(f"{self.out} has no checkpoints to resume from (set output.checkpoint_every)")
-        tensors, meta = load_checkpoint(ckpts[-1])
-        for key, want in (("trajectory_sha256", config_sha256(self.scn, any_rounds=True)),
-                          ("partition_fingerprint", self.stats["fingerprint"])):
-            if meta.get(key) != want:
-                raise ResumeError(f"cannot resume {self.out}: its {key} differs from this scenario's "
-                                  "(the data, model or settings changed); start a new run instead")
-        done = int(meta["round"])
-        self.totals.update(wall_s=float(meta.get("wall_s", 0.0)), aggregate_s=float(meta.get("aggregate_s", 0.0)))
-        loaded = {k.removeprefix("model."): v.numpy() for k, v in tensors.items() if k.startswith("model.")}
-        order = list(self.eval_model.state_dict())      # safetensors sorts names; the model's order matters
-        if sorted(order) != sorted(loaded):
-            raise ResumeError(f"{ckpts[-1]} does not hold this scenario's model")
-        arrays = {k: loaded[k] for k in order}
-        opt = {k.removeprefix("server_opt."): v.numpy() for k, v in tensors.items() if k.startswith("server_opt.")}
-        self.strategy.opt_state = state_from_arrays(opt) if opt else {}
-        rows = [r for r in read_metrics(self.out) if r["round"] <= done] if (self.out / "metrics.jsonl").exists() else []
-        with MetricsWriter(self.out) as sink:       # rewrite without the rounds after the checkpoint
-            for row in rows:
-                sink.write(row)
-        return done, arrays, rows
-
-    def _prepare(self) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.yaml").write_text(to_yaml(self.scn), encoding="utf-8")
-        write_json(self.out / "partition.json", self.stats)
-
-    def _partition_line(self) -> str:
-        from fedsim.data import heterogeneity_line
-        return heterogeneity_line(self.stats)
-
-    def _round(self, grid: Grid, rnd: int, arrays: dict[str, np.ndarray], start: float) -> tuple[dict, dict]:
+    # ------------------------------------------------------------------ rounds
+    def _round(self, grid: Grid, rnd: int, arrays: dict[str, np.ndarray],
+               start: float) -> tuple[dict, dict, RoundOutcome]:
         t0 = time.perf_counter()
         st = self.strategy
-        msgs = list(st.configure_train(rnd, to_record(arrays), ConfigRecord(), grid))
-        replies = grid.send_and_receive(msgs, timeout=self.scn.federation.round_timeout_s)
-        new_rec, train_metrics = st.aggregate_train(rnd, replies)
-        if new_rec is not None:
-            arrays = from_record(new_rec)
-        self.totals["aggregate_s"] += st.round_log.get("aggregate_s", 0.0)
-        row: dict[str, Any] = {"round": rnd, **dict(train_metrics or {})}
-        row.update(bytes_down=st.round_log["bytes_down"], bytes_up=st.round_log["bytes_up"])
+        msgs = st.configure_train(rnd, to_record(arrays), ConfigRecord(), grid)
+        bytes_down = sum(message_nbytes(m) for m in msgs)
+        outcome = st.aggregate(rnd, grid.send_and_receive(msgs, timeout=self.scn.federation.round_timeout_s))
+        if outcome.arrays is not None:
+            arrays = outcome.arrays
+        self.totals["aggregate_s"] += outcome.aggregate_s
+        row: dict[str, Any] = {"round": rnd, **outcome.metrics, "bytes_down": bytes_down, "bytes_up": outcome.bytes_up}
         row.update(self._client_eval(grid, rnd, arrays))
         row.update(self._server_eval(rnd, arrays))
-        if st.round_log.get("rejected"):
-            row["rejected_reasons"] = [f"client {c}: {r}" for c, r in st.round_log["rejected"]]
+        if outcome.rejected:
+            row["rejected_reasons"] = [f"client {c}: {r}" for c, r in outcome.rejected]
         row.update(round_s=time.perf_counter() - t0, wall_s=time.perf_counter() - start)
-        return arrays, row
+        return arrays, row, outcome
 
     def _client_eval(self, grid: Grid, rnd: int, arrays: dict[str, np.ndarray]) -> dict:
         msgs = list(self.strategy.configure_evaluate(rnd, to_record(arrays), ConfigRecord(), grid))
@@ -169,20 +151,96 @@ class ServerLoop:
                        device=default_device())
         return {"eval_accuracy": out["accuracy"], "eval_loss": out["loss"]}
 
-    def _maybe_checkpoint(self, rnd: int, arrays: dict[str, np.ndarray], wall_s: float) -> None:
-        every = self.scn.output.checkpoint_every
-        if every and rnd % every == 0:
-            tensors = {f"model.{k}": torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
-            tensors.update({f"server_opt.{k}": torch.from_numpy(v)
-                            for k, v in state_to_arrays(self.strategy.opt_state).items()})
-            save_checkpoint(self.out / "checkpoints" / f"round-{rnd:05d}.safetensors", tensors,
-                            self._meta(rnd, wall_s))
-
+    # ------------------------------------------------------------- checkpoints
     def _meta(self, rnd: int, wall_s: float) -> dict[str, str]:
         return {"round": str(rnd), "config_sha256": config_sha256(self.scn), "wall_s": repr(wall_s),
                 "aggregate_s": repr(self.totals["aggregate_s"]),
-                "trajectory_sha256": config_sha256(self.scn, any_rounds=True), "fedsim_version": fedsim.__version__,
-                "partition_fingerprint": self.stats["fingerprint"]}
+                "trajectory_sha256": config_sha256(self.scn, any_rounds=True),
+                "trajectory": json.dumps(result_config(self.scn, any_rounds=True), sort_keys=True),
+                "fedsim_version": fedsim.__version__, "partition_fingerprint": self.stats["fingerprint"]}
+
+    def _maybe_checkpoint(self, rnd: int, arrays: dict[str, np.ndarray], wall_s: float) -> None:
+        every = self.scn.output.checkpoint_every
+        if not every or rnd % every:
+            return
+        path = checkpoint_path(self.out, rnd)
+        snapshot_client_state(self.out / "client_state", snapshot_path(path))   # first: the file marks it complete
+        state_arrays, skeleton = flatten(self.strategy.state_dict())
+        tensors = {f"model.{k}": torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
+        tensors.update({f"state/{k}": torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_arrays.items()})
+        save_checkpoint(path, tensors, {**self._meta(rnd, wall_s), "state": skeleton})
+
+    def _restore(self) -> tuple[int, dict[str, np.ndarray], list[dict]]:
+        """The latest intact checkpoint: its round, model, server and client state; later rows are dropped."""
+        tensors, meta, path = self._intact_checkpoint()
+        self._check_same_setup(meta, path)
+        done = int(meta["round"])
+        self.totals.update(wall_s=float(meta.get("wall_s", 0.0)), aggregate_s=float(meta.get("aggregate_s", 0.0)))
+        loaded = {k.removeprefix("model."): v.numpy() for k, v in tensors.items() if k.startswith("model.")}
+        order = list(self.eval_model.state_dict())      # safetensors sorts names; the model's order matters
+        if sorted(order) != sorted(loaded):
+            raise ResumeError(f"{path} does not hold this scenario's model")
+        state = {k.removeprefix("state/"): v.numpy() for k, v in tensors.items() if k.startswith("state/")}
+        try:
+            self.strategy.load_state_dict(unflatten(state, meta["state"]))
+        except (KeyError, ValueError, TypeError) as exc:
+            raise ResumeError(f"{path} has no readable server state ({exc}); it was written by another "
+                              "fedsim version") from None
+        restore_client_state(snapshot_path(path), self.out / "client_state")
+        if self.scn.engine.kind in ("flower", "ray"):
+            self.notes.append(f"engine '{self.scn.engine.kind}' keeps client state in the SuperNodes: stateful "
+                              "clients start afresh on resume (use inprocess or workers for exact resume)")
+        for name in ("metrics.jsonl", CLIENTS_NAME):      # rewrite without the rounds after the checkpoint
+            kept = [r for r in read_metrics(self.out, name) if r["round"] <= done] if (self.out / name).exists() else []
+            with MetricsWriter(self.out, name=name, csv_name="metrics.csv" if name == "metrics.jsonl" else None) as w:
+                for row in kept:
+                    w.write(row)
+        rows = read_metrics(self.out) if (self.out / "metrics.jsonl").exists() else []
+        return done, {k: loaded[k] for k in order}, rows
+
+    def _intact_checkpoint(self) -> tuple[dict, dict[str, str], Path]:
+        """The newest readable checkpoint; unreadable newer ones are reported and skipped."""
+        problems = []
+        for found in iter_intact(self.out):
+            if len(found) == 2:
+                path, exc = found
+                problems.append(f"{path} is unreadable ({type(exc).__name__}: {exc})")
+                continue
+            path, tensors, meta = found
+            self.notes += [f"{p}; resuming from the previous checkpoint" for p in problems]
+            return tensors, meta, path
+        if problems:
+            raise ResumeError(f"{self.out} has no intact checkpoint:\n  " + "\n  ".join(problems))
+        raise ResumeError(f"{self.out} has no checkpoints to resume from (set output.checkpoint_every)")
+
+    def _check_same_setup(self, meta: dict[str, str], path: Path) -> None:
+        """Refuse (unless forced) when the scenario, partition or fedsim version differ from the checkpoint's."""
+        if "trajectory" in meta:
+            diffs = config_diff(json.loads(meta["trajectory"]), result_config(self.scn, any_rounds=True))
+        elif meta.get("trajectory_sha256") != config_sha256(self.scn, any_rounds=True):
+            diffs = ["the scenario (this checkpoint does not record which fields)"]
+        else:
+            diffs = []
+        for key, now in (("partition_fingerprint", self.stats["fingerprint"]), ("fedsim_version", fedsim.__version__)):
+            if meta.get(key) != now:
+                diffs.append(f"{key}: {meta.get(key)!r} -> {now!r}")
+        if not diffs:
+            return
+        listing = "\n  - ".join(diffs)
+        if not self.force:
+            raise ResumeError(f"cannot resume {self.out}: {path.name} was made with a different setup:\n  - {listing}\n"
+                              "start a new run (another --out), or pass --force to resume anyway")
+        self.notes.append(f"resuming despite differences from {path.name} (--force): {'; '.join(diffs)}")
+
+    # ------------------------------------------------------------------ files
+    def _prepare(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.out / "config.yaml", to_yaml(self.scn))
+        write_json(self.out / "partition.json", self.stats)
+
+    def _partition_line(self) -> str:
+        from fedsim.data import heterogeneity_line
+        return heterogeneity_line(self.stats)
 
     def _finish(self, rows: list[dict], arrays: dict[str, np.ndarray], wall_s: float) -> dict:
         tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
@@ -195,4 +253,3 @@ class ServerLoop:
         write_json(self.out / "summary.json", summary)
         plot_run(self.out)
         return summary
-

@@ -1,8 +1,12 @@
-"""Model checkpoints as safetensors files (never pickle).
+"""Checkpoints as safetensors files (never pickle), and the client-state snapshots beside them.
 
-A checkpoint is a flat ``name -> tensor`` mapping plus string metadata (round,
-config hash, fedsim version ...). It is written atomically, so a crash while
-saving leaves the previous checkpoint intact.
+A checkpoint is a flat ``name -> tensor`` mapping plus string metadata (round, config,
+fedsim version, the JSON skeleton of the server state ...). It is written atomically (mode
+0644, like every result file), so a crash while saving leaves the previous checkpoint intact.
+A run's round checkpoints live in ``RUN_DIR/checkpoints/round-NNNNN.safetensors``; the client
+state of that moment (``RUN_DIR/client_state``, which may hold private client data) is copied
+to ``round-NNNNN.client_state/`` (0700) first, so a checkpoint file exists only once its
+snapshot is complete.
 
 Example:
     >>> import tempfile, torch
@@ -16,15 +20,19 @@ Example:
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from fedsim.runtime.files import atomic_write_bytes
 
 if TYPE_CHECKING:  # torch and safetensors are imported lazily: reports need neither.
     import torch
 
-__all__ = ["load_checkpoint", "save_checkpoint"]
+__all__ = ["checkpoint_path", "iter_intact", "load_checkpoint", "restore_client_state", "round_checkpoints", "save_checkpoint",
+           "snapshot_client_state", "snapshot_path"]
 
 
 def _check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
@@ -77,20 +85,9 @@ def save_checkpoint(
     Raises:
         TypeError: If a value is not a dense tensor or metadata is not str -> str.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    prepared = _prepare_tensors(tensors)
-    meta = _check_metadata(metadata)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(prepared, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, save(_prepare_tensors(tensors), metadata=_check_metadata(metadata)))
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -114,3 +111,62 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         tensors = {key: f.get_tensor(key) for key in f.keys()}
         metadata = dict(f.metadata() or {})
     return tensors, metadata
+
+
+def checkpoint_path(run_dir: str | Path, server_round: int) -> Path:
+    """Where round ``server_round``'s checkpoint of a run lives."""
+    return Path(run_dir) / "checkpoints" / f"round-{server_round:05d}.safetensors"
+
+
+def snapshot_path(checkpoint: str | Path) -> Path:
+    """The client-state snapshot that belongs to a round checkpoint."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.with_name(checkpoint.name.removesuffix(".safetensors") + ".client_state")
+
+
+def round_checkpoints(run_dir: str | Path) -> list[Path]:
+    """A run's round checkpoints, newest first."""
+    return sorted((Path(run_dir) / "checkpoints").glob("round-*.safetensors"), reverse=True)
+
+
+def snapshot_client_state(state_dir: str | Path, dest: str | Path) -> None:
+    """Copy a client-state directory to ``dest`` (replacing it) as one step: a half-written
+    snapshot never has ``dest``'s name. The copy is private (0700 directory, files keep 0600)."""
+    state_dir, dest = Path(state_dir), Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
+    try:
+        if state_dir.is_dir():
+            for f in sorted(state_dir.iterdir()):
+                if f.is_file() and not f.name.startswith("."):
+                    shutil.copy2(f, tmp / f.name)
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def restore_client_state(snapshot: str | Path, state_dir: str | Path) -> None:
+    """Make ``state_dir`` hold exactly the snapshot's files (what the clients had at that round)."""
+    snapshot, state_dir = Path(snapshot), Path(state_dir)
+    if not snapshot.is_dir():
+        raise FileNotFoundError(f"no client-state snapshot at {snapshot}")
+    if state_dir.exists():
+        shutil.rmtree(state_dir)
+    shutil.copytree(snapshot, state_dir)
+    os.chmod(state_dir, 0o700)
+
+
+def iter_intact(run_dir: str | Path) -> Iterator[tuple[Path, dict, dict[str, str]] | tuple[Path, Exception]]:
+    """Each round checkpoint, newest first: ``(path, tensors, metadata)`` when it and its client-state
+    snapshot are readable, else ``(path, error)``."""
+    for path in round_checkpoints(run_dir):
+        try:
+            if not snapshot_path(path).is_dir():
+                raise FileNotFoundError(f"its client-state snapshot {snapshot_path(path).name} is missing")
+            tensors, meta = load_checkpoint(path)
+            yield path, tensors, meta
+        except Exception as exc:  # a truncated or corrupt file: report it, try the previous one
+            yield path, exc

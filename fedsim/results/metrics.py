@@ -27,10 +27,12 @@ from typing import IO, Any
 from fedsim.results.summary import to_jsonable
 from fedsim.runtime.files import atomic_write_text
 
-__all__ = ["JSONL_NAME", "CSV_NAME", "MetricsWriter", "read_metrics", "write_csv"]
+__all__ = ["CLIENTS_NAME", "JSONL_NAME", "CSV_NAME", "MetricsWriter", "read_metrics", "write_csv"]
 
 JSONL_NAME = "metrics.jsonl"
 CSV_NAME = "metrics.csv"
+#: One line per client per round it trained (round, client_id, num_examples, train_loss, ...).
+CLIENTS_NAME = "clients.jsonl"
 
 
 def _drop_partial_last_line(path: Path) -> None:
@@ -58,12 +60,16 @@ class MetricsWriter:
         run_dir: The run directory; created if missing.
         append: Continue an existing file (resume) instead of starting a new one.
             A truncated last line left by a crash is dropped first.
+        name: The JSONL file (``clients.jsonl`` for the per-client sink).
+        csv_name: The CSV copy written on close (None: none).
     """
 
-    def __init__(self, run_dir: str | Path, *, append: bool = False) -> None:
+    def __init__(self, run_dir: str | Path, *, append: bool = False, name: str = JSONL_NAME,
+                 csv_name: str | None = CSV_NAME) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.path = self.run_dir / JSONL_NAME
+        self.path = self.run_dir / name
+        self.csv_name = csv_name
         if append and self.path.exists():
             _drop_partial_last_line(self.path)
         self._file: IO[str] | None = open(
@@ -96,7 +102,8 @@ class MetricsWriter:
             return
         self._file.close()
         self._file = None
-        write_csv(read_metrics(self.path), self.run_dir / CSV_NAME)
+        if self.csv_name:
+            write_csv(read_metrics(self.path), self.run_dir / self.csv_name)
 
     def __enter__(self) -> MetricsWriter:
         return self
@@ -130,17 +137,18 @@ def write_csv(rows: list[Mapping[str, Any]], path: str | Path) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
-def _metrics_path(run_dir: str | Path) -> Path:
-    """Accepts a run directory or the ``metrics.jsonl`` file itself."""
+def _metrics_path(run_dir: str | Path, name: str) -> Path:
+    """Accepts a run directory or the JSONL file itself."""
     path = Path(run_dir)
-    return path / JSONL_NAME if path.is_dir() else path
+    return path / name if path.is_dir() else path
 
 
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """Reads every round record of a run.
+def read_metrics(run_dir: str | Path, name: str = JSONL_NAME) -> list[dict[str, Any]]:
+    """Reads every record of a run's ``metrics.jsonl`` (or ``name``, e.g. ``clients.jsonl``).
 
     Args:
-        run_dir: The run directory (or the path of its ``metrics.jsonl``).
+        run_dir: The run directory (or the path of the JSONL file).
+        name: The file in the run directory.
 
     Returns:
         The records in file order.
@@ -152,7 +160,7 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     A last line that does not parse (a crash in the middle of a write) is skipped
     with a warning.
     """
-    path = _metrics_path(run_dir)
+    path = _metrics_path(run_dir, name)
     lines = [(i, ln) for i, ln in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)]
     lines = [(i, ln) for i, ln in lines if ln.strip()]
     rows: list[dict[str, Any]] = []

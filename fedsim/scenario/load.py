@@ -226,6 +226,9 @@ def cross_check(raw: dict) -> list[str]:
         problem = check_schedule_strategy(schedule.get("kind", "fedhyper"), strategy.get("name", "fedavg"),
                                           strategy.get("server_lr", 1.0))
         problems += [problem] if problem else []
+    if strategy.get("name") == "scaffold" and _section(fed, "local").get("optimizer", "sgd") != "sgd":
+        problems.append("federation.local.optimizer: strategy 'scaffold' needs local SGD (its control variates "
+                        "are built from SGD steps); set federation.local.optimizer: sgd")
     n, k = _section(data, "partition").get("num_clients"), fed.get("clients_per_round")
     if isinstance(n, int) and isinstance(k, int) and not isinstance(k, bool) and 0 < n < k:
         problems.append(f"federation.clients_per_round: {k} is more than data.partition.num_clients ({n})")
@@ -278,19 +281,45 @@ def resolved(scn: Scenario) -> dict:
     return scn.model_dump(mode="json")
 
 
-def config_sha256(scn: Scenario, *, any_rounds: bool = False) -> str:
-    """Fingerprint of everything that changes results: the resolved scenario minus ``output``,
-    ``engine`` (every engine must give the same model; the parity tests hold them to it) and the
-    data's location (``data.root``, ``data.cache_dir``: loaders verify content by checksum).
+def result_config(scn: Scenario, *, any_rounds: bool = False) -> dict:
+    """Everything in the resolved scenario that changes results: all but ``output``, ``engine``
+    (every engine must give the same model; the parity tests hold them to it) and the data's
+    location (``data.root``, ``data.cache_dir``: loaders verify content by checksum).
 
-    ``any_rounds``: also leave out ``federation.rounds`` — the fingerprint a resumed run must
-    match, since running longer does not change the rounds already run.
+    ``any_rounds``: also leave out ``federation.rounds`` — what a resumed run must match, since
+    running longer does not change the rounds already run.
     """
     body = {k: v for k, v in resolved(scn).items() if k not in ("output", "engine")}
     body["data"] = {k: v for k, v in body["data"].items() if k not in ("root", "cache_dir")}   # where, not what
     if any_rounds:
         body["federation"] = {k: v for k, v in body["federation"].items() if k != "rounds"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+    return body
+
+
+def config_sha256(scn: Scenario, *, any_rounds: bool = False) -> str:
+    """Fingerprint of :func:`result_config` (``any_rounds`` as there)."""
+    return hashlib.sha256(json.dumps(result_config(scn, any_rounds=any_rounds), sort_keys=True).encode()).hexdigest()
+
+
+def config_diff(old: Any, new: Any, path: str = "") -> list[str]:
+    """The dotted paths where two resolved configs differ, as ``path: old -> new`` lines.
+
+    Example:
+        >>> config_diff({"a": {"b": 1, "c": 2}}, {"a": {"b": 1, "c": 3, "d": 4}})
+        ['a.c: 2 -> 3', 'a.d: (absent) -> 4']
+    """
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for key in list(old) + [k for k in new if k not in old]:
+            sub = f"{path}.{key}" if path else str(key)
+            if key not in new:
+                out.append(f"{sub}: {old[key]!r} -> (absent)")
+            elif key not in old:
+                out.append(f"{sub}: (absent) -> {new[key]!r}")
+            else:
+                out += config_diff(old[key], new[key], sub)
+        return out
+    return [] if old == new else [f"{path or '(top level)'}: {old!r} -> {new!r}"]
 
 
 def to_yaml(scn: Scenario) -> str:

@@ -153,7 +153,16 @@ class FedProx(Section):
     proximal_mu: NonNegFloat = 0.01
 
 
-Strategy = Annotated[Union[FedAvg, FedAvgM, FedAdam, FedProx], Field(discriminator="name")]
+class Scaffold(Section):
+    """SCAFFOLD (Karimireddy et al., arXiv:1910.06378, option II): control variates correct the
+    clients' drift; each client keeps its ``c_i`` across the rounds it takes part in. Local
+    training must be SGD (``federation.local.optimizer: sgd``)."""
+
+    name: Literal["scaffold"]
+    server_lr: PositiveFloat = 1.0
+
+
+Strategy = Annotated[Union[FedAvg, FedAvgM, FedAdam, FedProx, Scaffold], Field(discriminator="name")]
 
 
 # -------------------------------------------------------------------- lr schedule

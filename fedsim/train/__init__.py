@@ -1,5 +1,8 @@
-"""Local training loops (pure PyTorch) used by every engine's clients."""
+"""Local training (pure PyTorch): the standard loop over a :class:`~fedsim.core.client.LocalRun`,
+batch sources, per-sample gradients, the scenario's optimizers and evaluation."""
 
+from fedsim.train.batches import ShuffledBatches
 from fedsim.train.local import evaluate, local_train, make_optimizer
+from fedsim.train.loop import run_local, train_local
 
-__all__ = ["evaluate", "local_train", "make_optimizer"]
+__all__ = ["ShuffledBatches", "evaluate", "local_train", "make_optimizer", "run_local", "train_local"]

@@ -1,4 +1,5 @@
-"""Local training and evaluation: plain PyTorch loops that every engine's clients call.
+"""Local training and evaluation helpers for any torch loop: the scenario's optimizers, a one-call
+training function and evaluation.
 
 Example:
     >>> import numpy as np
@@ -12,34 +13,22 @@ Example:
 
 from __future__ import annotations
 
-import time
-from typing import Callable, Iterator
+from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def _batches(n: int, batch_size: int, epochs: int | None, steps: int | None,
-             generator: torch.Generator) -> Iterator[tuple[bool, torch.Tensor]]:
-    """(first batch of an epoch?, index batch): ``epochs`` shuffled passes, or exactly ``steps`` batches."""
-    done = 0
-    epoch = 0
-    while (steps is not None and done < steps) or (steps is None and epoch < (epochs or 1)):
-        order = torch.randperm(n, generator=generator)
-        for start in range(0, n, batch_size):
-            if steps is not None and done >= steps:
-                return
-            yield start == 0, order[start:start + batch_size]
-            done += 1
-        epoch += 1
+from fedsim.core.client import ClientRound, LocalRun
+from fedsim.train.batches import ShuffledBatches
+from fedsim.train.loop import train_local
 
 
-def make_optimizer(model: nn.Module, name: str, lr: float, momentum: float = 0.0,
+def make_optimizer(params: Sequence[nn.Parameter], name: str, lr: float, momentum: float = 0.0,
                    weight_decay: float = 0.0) -> torch.optim.Optimizer:
-    """The local optimizer named in the scenario (``sgd`` or ``adam``)."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    """The local optimizer named in the scenario (``sgd`` or ``adam``) over ``params``."""
+    params = list(params)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     if name == "adam":
@@ -49,53 +38,28 @@ def make_optimizer(model: nn.Module, name: str, lr: float, momentum: float = 0.0
 
 def local_train(model: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: int | None = None,
                 steps: int | None = None, batch_size: int = 32, optimizer: str = "sgd", lr: float = 0.05,
-                momentum: float = 0.0, weight_decay: float = 0.0, proximal_mu: float = 0.0,
-                generator: torch.Generator, device: torch.device | str = "cpu",
-                on_epoch: Callable[[], None] | None = None,
-                on_step: Callable[[torch.optim.Optimizer], None] | None = None) -> dict[str, float]:
-    """Train ``model`` in place on one client's data.
+                momentum: float = 0.0, weight_decay: float = 0.0, generator: torch.Generator,
+                device: torch.device | str = "cpu", rounds: Sequence[ClientRound] = ()) -> dict[str, float]:
+    """Train ``model`` in place on one client's data with the standard loop (cross-entropy).
 
     Args:
         model: the model, already holding the global weights.
         x, y: the client's examples and integer labels (numpy).
         epochs, steps: how long to train (one of them; default one epoch).
         batch_size, optimizer, lr, momentum, weight_decay: local optimizer settings.
-        proximal_mu: FedProx proximal weight (0 disables it).
         generator: the source of the data order (derive it from seed, round and client id).
         device: where to train.
-        on_epoch: called before the first step of each epoch (e.g. ``FedHyperClient.start_epoch``).
-        on_step: called after each optimizer step with the optimizer (e.g. ``FedHyperClient.after_step``,
-            which may change the learning rate for the next step).
+        rounds: algorithm hooks (:class:`~fedsim.core.client.ClientRound` s), e.g. FedProx's.
 
     Returns:
-        ``train_loss`` (mean over steps), ``num_examples``, ``steps`` and ``compute_s``.
+        ``train_loss`` (mean over batches), ``num_examples``, ``steps`` and ``compute_s``.
     """
-    start = time.perf_counter()
     device = torch.device(device)
-    model.to(device).train()
-    xs, ys = torch.from_numpy(np.asarray(x)).to(device), torch.from_numpy(np.asarray(y)).to(device)
-    opt = make_optimizer(model, optimizer, lr, momentum, weight_decay)
-    anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
-    total, count = 0.0, 0
-    for first, idx in _batches(len(ys), batch_size, epochs, steps, generator):
-        if first and on_epoch is not None:
-            on_epoch()
-        idx = idx.to(device)
-        opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(xs[idx]), ys[idx])
-        if anchor is not None:
-            prox = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
-            loss = loss + 0.5 * proximal_mu * prox
-        loss.backward()
-        opt.step()
-        if on_step is not None:
-            on_step(opt)
-        total += float(loss.detach())
-        count += 1
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return {"train_loss": total / max(count, 1), "num_examples": int(len(ys)), "steps": count,
-            "compute_s": time.perf_counter() - start}
+    run = LocalRun(model, ShuffledBatches(x, y, batch_size=batch_size, epochs=epochs, steps=steps,
+                                          generator=generator, device=device),
+                   lambda params, rate: make_optimizer(params, optimizer, rate, momentum, weight_decay),
+                   F.cross_entropy, base_lr=lr, device=device)
+    return {**train_local(run, rounds), "num_examples": int(len(y))}
 
 
 @torch.no_grad()

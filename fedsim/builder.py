@@ -1,0 +1,163 @@
+"""Scenario -> algorithm objects: the one place where scenario keys become keyword arguments.
+
+Every algorithm is registered here once, by the scenario section and name that select it
+(``strategy.name``, ``lr_schedule.kind``). A registration is a small function from the
+validated section (and the :class:`~fedsim.federation.Federation`) to :class:`Parts`: a server
+optimizer (a transform), server plugins, client plugins, and the aggregation weighting. The
+schema (``fedsim/scenario/schema.py``) owns the defaults; the functions below pass every value
+explicitly, so the algorithm modules never read scenario keys and never supply defaults of
+their own to a run.
+
+Adding an algorithm: its module(s) in ``fedsim/algorithms/``, one ``@register`` function here,
+its schema section. ``docs/architecture.md`` walks through SCAFFOLD.
+
+Example:
+    >>> from fedsim.scenario import parse_scenario
+    >>> from fedsim.federation import Federation
+    >>> scn = parse_scenario("name: t\\ndata: {dataset: digits, partition: {kind: iid, num_clients: 4}}\\n"
+    ...                      "model: {name: mlp}\\nfederation: {rounds: 1, clients_per_round: 2}\\n"
+    ...                      "strategy: {name: scaffold}\\n")
+    >>> algs = build(scn, Federation(scn))
+    >>> [p.name for p in algs.server.plugins], [p.name for p in algs.client_plugins]
+    (['scaffold'], ['scaffold'])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from fedsim.algorithms import fedhyper, optimizers, scaffold
+from fedsim.algorithms.fedprox import FedProx
+from fedsim.core.client import ClientPlugin
+from fedsim.core.server import Server, ServerPlugin
+from fedsim.core.transforms import Transform
+from fedsim.federation import Federation
+from fedsim.scenario import Scenario
+
+
+@dataclass
+class Parts:
+    """What one registered algorithm contributes to a run."""
+
+    optimizer: Transform | None = None
+    server_plugins: list[ServerPlugin] = field(default_factory=list)
+    client_plugins: list[ClientPlugin] = field(default_factory=list)
+    uniform_weights: bool = False
+
+
+@dataclass
+class Algorithms:
+    """A scenario's algorithms, both sides: the :class:`Server` and the client plugins."""
+
+    server: Server
+    client_plugins: list[ClientPlugin]
+
+
+Builder = Callable[[Any, Federation], Parts]
+REGISTRY: dict[tuple[str, str], Builder] = {}
+
+
+def register(section: str, name: str) -> Callable[[Builder], Builder]:
+    """Register ``fn(section_config, federation) -> Parts`` for ``<section>.{name,kind}: <name>``."""
+    def deco(fn: Builder) -> Builder:
+        REGISTRY[(section, name)] = fn
+        return fn
+    return deco
+
+
+# ----------------------------------------------------------------- strategy.name
+
+
+@register("strategy", "fedavg")
+def _fedavg(cfg: Any, fed: Federation) -> Parts:
+    return Parts(optimizers.fedavg(cfg.server_lr))
+
+
+@register("strategy", "fedavgm")
+def _fedavgm(cfg: Any, fed: Federation) -> Parts:
+    return Parts(optimizers.fedavgm(cfg.server_lr, cfg.server_momentum))
+
+
+@register("strategy", "fedadam")
+def _fedadam(cfg: Any, fed: Federation) -> Parts:
+    return Parts(optimizers.fedadam(cfg.server_lr, cfg.beta_1, cfg.beta_2, cfg.tau))
+
+
+@register("strategy", "fedprox")
+def _fedprox(cfg: Any, fed: Federation) -> Parts:
+    return Parts(optimizers.fedavg(cfg.server_lr), client_plugins=[FedProx("fedprox", cfg.proximal_mu)]
+                 if cfg.proximal_mu > 0 else [])
+
+
+@register("strategy", "scaffold")
+def _scaffold(cfg: Any, fed: Federation) -> Parts:
+    trainable = fed.trainable_names()
+    return Parts(optimizers.fedavg(cfg.server_lr), [scaffold.ScaffoldServer("scaffold", trainable)],
+                 [scaffold.ScaffoldClient("scaffold")])
+
+
+# ----------------------------------------------------------------- lr_schedule.kind
+
+
+@register("lr_schedule", "constant")
+def _constant(cfg: Any, fed: Federation) -> Parts:
+    return Parts()
+
+
+@register("lr_schedule", "decay")
+def _decay(cfg: Any, fed: Federation) -> Parts:
+    return Parts(fedhyper.decay_server(cfg.decay_target, alpha0=cfg.alpha0, rate=cfg.decay_rate,
+                                       trainable=fed.trainable_names()), uniform_weights=cfg.weighting == "uniform")
+
+
+@register("lr_schedule", "fedexp")
+def _fedexp(cfg: Any, fed: Federation) -> Parts:
+    return Parts(fedhyper.fedexp_server(eps=cfg.fedexp_eps, trainable=fed.trainable_names()),
+                 uniform_weights=cfg.weighting == "uniform")
+
+
+@register("lr_schedule", "fedhyper")
+def _fedhyper(cfg: Any, fed: Federation) -> Parts:
+    trainable = fed.trainable_names()
+    opt = fedhyper.fedhyper_server(cfg.variant, alpha0=cfg.alpha0, beta_g=cfg.beta_g, alpha_bounds=cfg.alpha_bounds,
+                                   gm_bounds=cfg.gm_bounds, gm_momentum=cfg.gm_momentum, beta_sl=cfg.beta_sl,
+                                   sl_bounds=cfg.sl_bounds, sl_state_clip=cfg.sl_state_clip, trainable=trainable)
+    parts = Parts(opt, uniform_weights=cfg.weighting == "uniform")
+    if cfg.variant.endswith("cl"):
+        beta_lg = fedhyper.auto_beta_lg(fed.cohort_size) if cfg.beta_lg == "auto" else cfg.beta_lg
+        parts.server_plugins.append(fedhyper.PreviousUpdate("fedhyper_cl", trainable))
+        parts.client_plugins.append(fedhyper.ClientLR("fedhyper_cl", beta_l=cfg.beta_l, beta_lg=beta_lg,
+                                                      factor_cap=cfg.cl_factor_cap, bounds=cfg.cl_bounds))
+    return parts
+
+
+# ----------------------------------------------------------------- assembly
+
+
+def _parts(scenario: Scenario, fed: Federation) -> list[Parts]:
+    out = [REGISTRY[("strategy", scenario.strategy.name)](scenario.strategy, fed)]
+    if scenario.lr_schedule is not None:
+        out.append(REGISTRY[("lr_schedule", scenario.lr_schedule.kind)](scenario.lr_schedule, fed))
+    return out
+
+
+def build(scenario: Scenario, fed: Federation) -> Algorithms:
+    """Both sides of a scenario's algorithms.
+
+    The server optimizer is the last section's that names one: an ``lr_schedule`` replaces the
+    strategy's (the schema allows that only where the strategy's server step is plain FedAvg).
+    """
+    parts = _parts(scenario, fed)
+    optimizer = next(p.optimizer for p in reversed(parts) if p.optimizer is not None)
+    server = Server(optimizer, [s for p in parts for s in p.server_plugins], client_lr=scenario.federation.local.lr,
+                    uniform_weights=any(p.uniform_weights for p in parts), num_clients=fed.num_clients)
+    return Algorithms(server, [c for p in parts for c in p.client_plugins])
+
+
+def client_plugins(scenario: Scenario, fed: Federation) -> list[ClientPlugin]:
+    """The client side only (what a ClientApp needs)."""
+    return [c for p in _parts(scenario, fed) for c in p.client_plugins]
+
+
+__all__ = ["REGISTRY", "Algorithms", "Parts", "build", "client_plugins", "register"]

@@ -1,0 +1,284 @@
+"""The server contract: what a server-side algorithm provides, and the round protocol that runs it.
+
+A federation's server is a :class:`Server`: a server optimizer (a
+:class:`~fedsim.core.transforms.Transform`, e.g. FedAvg's ``scale(1.0)`` or FedHyper's G)
+plus a list of :class:`ServerPlugin` s. A plugin overrides only the hooks its algorithm needs:
+
+- ``init(params)``: its initial state, from the named global arrays;
+- ``phase(state, round)``: claim a round for a stage of its own (AutoFLIP's exploration); in a
+  claimed round the optimizer does not step and the plugin's ``aggregate`` decides the model;
+- ``downlink(state, round)``: what goes down to every sampled client besides the model — extra
+  arrays (CL's previous update, SCAFFOLD's ``c``, a mask) and scalars (a mask id);
+- ``uplink(state, phase, model_specs)``: what a valid reply must contain — which model arrays
+  come back and how (dense, or only the kept entries of a mask: :class:`ArraySpec`), and the
+  plugin's own arrays (SCAFFOLD's ``delta_c``);
+- ``aggregate(state, result)``: after the model step, update its state from the accepted
+  replies, optionally replace the new global arrays (re-masking, FedSVD's re-factorisation) and
+  say whether the parameter basis changed (every client then sees a new ``basis-id``);
+- ``metrics(state)``: numbers for ``metrics.jsonl``.
+
+Everything here is pure numpy: no Flower, no YAML. The Flower strategy
+(:mod:`fedsim.flower.strategy`) moves a :class:`RoundPlan` into messages and replies back into
+:class:`ClientUpdate` s; any other federated loop can do the same.
+
+Example:
+    >>> import numpy as np
+    >>> from fedsim.core.transforms import scale
+    >>> server = Server(scale(1.0), client_lr=0.1)
+    >>> x = {"w": np.zeros(2, np.float32)}
+    >>> state = server.init(x)
+    >>> plan = server.plan(state, 1, x)
+    >>> plan.scalars["lr"], sorted(plan.model_spec)
+    (0.1, ['w'])
+    >>> replies = [ClientUpdate(0, 1.0, {"w": np.ones(2, np.float32)}), ClientUpdate(1, 3.0, {"w": np.full(2, 3, np.float32)})]
+    >>> x, state, metrics = server.aggregate(state, plan, x, replies)
+    >>> x["w"].tolist(), metrics["lr_global"]
+    ([2.5, 2.5], 1.0)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from fedsim.core.arrays import Named, apply_updates, mean_update
+from fedsim.core.transforms import RoundInfo, Transform
+
+#: The phase of an ordinary training round (a plugin may claim others).
+TRAIN = "train"
+Scalar = bool | int | float | str
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """One array a reply must carry: its dense shape and dtype, dense or sparse on the wire.
+
+    With ``kept`` (a bool mask of ``shape``), only the kept entries travel, as a 1-D array in
+    C order (the mask is shared state, so no indices are sent); :meth:`decode` scatters them back
+    and fills the other entries from ``fill`` (default 0).
+
+    Example:
+        >>> spec = ArraySpec((2, 2), np.dtype("float32"), kept=np.array([[True, False], [False, True]]))
+        >>> wire = spec.encode(np.array([[1, 2], [3, 4]], np.float32)); wire.tolist(), spec.wire_shape
+        ([1.0, 4.0], (2,))
+        >>> spec.decode(wire).tolist()
+        [[1.0, 0.0], [0.0, 4.0]]
+    """
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    kept: np.ndarray | None = None
+    fill: np.ndarray | None = None
+
+    @property
+    def wire_shape(self) -> tuple[int, ...]:
+        """The shape of the array in the message."""
+        return self.shape if self.kept is None else (int(np.count_nonzero(self.kept)),)
+
+    def encode(self, dense: np.ndarray) -> np.ndarray:
+        """The wire form of a dense array."""
+        return dense if self.kept is None else np.ascontiguousarray(dense[self.kept])
+
+    def decode(self, wire: np.ndarray) -> np.ndarray:
+        """The dense array a wire array stands for."""
+        if self.kept is None:
+            return wire
+        out = np.zeros(self.shape, self.dtype) if self.fill is None else np.array(self.fill, self.dtype, copy=True)
+        out[self.kept] = wire
+        return out
+
+    @staticmethod
+    def of(array: np.ndarray) -> "ArraySpec":
+        """The dense spec of an array."""
+        return ArraySpec(tuple(array.shape), array.dtype)
+
+
+@dataclass
+class Payload:
+    """Arrays (in named groups) and scalars that travel with a message, besides the model."""
+
+    arrays: dict[str, Named] = field(default_factory=dict)
+    scalars: dict[str, Scalar] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """One accepted reply, decoded: who sent it, its aggregation weight, and its arrays.
+
+    Attributes:
+        cid: the virtual client id.
+        weight: the aggregation weight (examples, clamped to the partition size the server knows).
+        model: the client's new model arrays (dense), for the names the round's plan asked for.
+        groups: per plugin name, that plugin's arrays of the reply (``{"delta_c": {...}}``).
+        metrics: the reply's finite numeric metrics.
+    """
+
+    cid: int
+    weight: float
+    model: Named
+    groups: Mapping[str, Mapping[str, Named]] = field(default_factory=dict)
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """What a plugin's ``aggregate`` sees after the round's model step."""
+
+    server_round: int
+    phase: str
+    params_before: Named
+    params: Named                       # after the optimizer step and any earlier plugin
+    delta: Named | None                 # the raw weighted mean update (None in a claimed phase)
+    replies: Sequence[ClientUpdate]
+    num_clients: int                    # the whole population N
+
+
+@dataclass
+class PluginUpdate:
+    """A plugin's answer to a round: new state, optionally new global arrays, a basis change."""
+
+    state: Any
+    params: Named | None = None
+    basis_changed: bool = False
+
+
+class ServerPlugin:
+    """The server side of an algorithm. Every hook has a neutral default; override what you need.
+
+    ``name`` namespaces the plugin's state, its message arrays and scalars (``<name>.<key>``);
+    it must be unique within a server and equal to the name of its client side, if any.
+    """
+
+    name: str = ""
+
+    def init(self, params: Named) -> Any:
+        """The initial state, from the named global arrays (checkpointed with the run)."""
+        return None
+
+    def phase(self, state: Any, server_round: int) -> str | None:
+        """Claim ``server_round`` for a phase of this plugin (None: an ordinary training round)."""
+        return None
+
+    def downlink(self, state: Any, server_round: int) -> Payload:
+        """Arrays and scalars for every client sampled in ``server_round``."""
+        return Payload()
+
+    def uplink(self, state: Any, phase: str,
+               model_specs: dict[str, ArraySpec]) -> tuple[dict[str, ArraySpec], dict[str, dict[str, ArraySpec]]]:
+        """What a reply must contain: the model arrays (given: what earlier plugins expect) and
+        this plugin's own array groups."""
+        return model_specs, {}
+
+    def aggregate(self, state: Any, result: RoundResult) -> PluginUpdate:
+        """Fold the round's accepted replies into the state (and optionally the global arrays)."""
+        return PluginUpdate(state)
+
+    def metrics(self, state: Any) -> dict[str, float]:
+        """Numbers for the round's row in ``metrics.jsonl``."""
+        return {}
+
+
+@dataclass
+class RoundPlan:
+    """One round as the server plans it: what every sampled client gets and must send back."""
+
+    server_round: int
+    phase: str
+    scalars: dict[str, Scalar]
+    arrays: dict[str, Named]                       # message record name -> arrays (besides the model)
+    model_spec: dict[str, ArraySpec]
+    group_specs: dict[str, dict[str, ArraySpec]]   # message record name -> array name -> spec
+    plugin_of: dict[str, tuple[str, str]]          # message record name -> (plugin, group)
+
+
+def record_name(plugin: str, group: str) -> str:
+    """The message record that carries a plugin's array group."""
+    return f"{plugin}.{group}"
+
+
+class Server:
+    """The server side of a federation: a server optimizer plus plugins, as pure functions of state.
+
+    Args:
+        optimizer: the transform from the raw aggregate update to the step.
+        plugins: the algorithms' server parts, called in this order.
+        client_lr: the clients' base learning rate; the optimizer's ``lr_scale`` multiplies it.
+        uniform_weights: weight every reply 1 (else by its example count).
+        num_clients: the population size N (plugins such as SCAFFOLD read it).
+    """
+
+    def __init__(self, optimizer: Transform, plugins: Sequence[ServerPlugin] = (), *, client_lr: float = 0.0,
+                 uniform_weights: bool = False, num_clients: int = 0):
+        names = [p.name for p in plugins]
+        if len(set(names)) != len(names) or not all(names):
+            raise ValueError(f"server plugins need unique, non-empty names (got {names})")
+        self.optimizer, self.plugins = optimizer, list(plugins)
+        self.client_lr, self.uniform_weights, self.num_clients = float(client_lr), uniform_weights, num_clients
+
+    def init(self, params: Named) -> dict:
+        """The server state before round 1."""
+        return {"basis_id": 0, "optimizer": self.optimizer.init(params),
+                "plugins": {p.name: p.init(params) for p in self.plugins}}
+
+    def _phase(self, state: dict, server_round: int) -> str:
+        claims = [(p.name, ph) for p in self.plugins
+                  if (ph := p.phase(state["plugins"][p.name], server_round)) is not None]
+        if len(claims) > 1:
+            raise ValueError(f"round {server_round} is claimed by several plugins: {claims}")
+        return claims[0][1] if claims else TRAIN
+
+    def plan(self, state: dict, server_round: int, params: Named) -> RoundPlan:
+        """What ``server_round`` sends to every sampled client and expects back."""
+        phase = self._phase(state, server_round)
+        down = self.optimizer.downlink(state["optimizer"])
+        lr = self.client_lr * down["lr_scale"] if "lr_scale" in down else self.client_lr
+        scalars: dict[str, Scalar] = {"phase": phase, "lr": lr, "basis-id": state["basis_id"]}
+        arrays: dict[str, Named] = {}
+        model_spec = {k: ArraySpec.of(v) for k, v in params.items()} if phase == TRAIN else {}
+        group_specs: dict[str, dict[str, ArraySpec]] = {}
+        plugin_of: dict[str, tuple[str, str]] = {}
+        for p in self.plugins:
+            pstate = state["plugins"][p.name]
+            payload = p.downlink(pstate, server_round)
+            scalars.update({f"{p.name}.{k}": v for k, v in payload.scalars.items()})
+            arrays.update({record_name(p.name, g): a for g, a in payload.arrays.items()})
+            model_spec, groups = p.uplink(pstate, phase, model_spec)
+            for g, spec in groups.items():
+                group_specs[record_name(p.name, g)] = spec
+                plugin_of[record_name(p.name, g)] = (p.name, g)
+        return RoundPlan(server_round, phase, scalars, arrays, model_spec, group_specs, plugin_of)
+
+    def aggregate(self, state: dict, plan: RoundPlan, params: Named,
+                  replies: Sequence[ClientUpdate]) -> tuple[Named, dict, dict[str, float]]:
+        """New global arrays, new state and the round's server metrics from the accepted replies.
+
+        ``replies`` must be in a canonical order (client id); with no replies nothing changes.
+        """
+        if not replies:
+            return params, state, self.metrics(state)
+        new_params, opt_state, delta = params, state["optimizer"], None
+        if plan.phase == TRAIN and plan.model_spec:
+            weights = [1.0] * len(replies) if self.uniform_weights else [r.weight for r in replies]
+            models = [r.model for r in replies]
+            delta = mean_update(params, models, weights)
+            step, opt_state = self.optimizer.update(delta, opt_state, params,
+                                                    RoundInfo(plan.server_round, models, weights))
+            new_params = apply_updates(params, step)
+        basis_id, plugin_states = state["basis_id"], dict(state["plugins"])
+        for p in self.plugins:
+            result = RoundResult(plan.server_round, plan.phase, params, new_params, delta, replies, self.num_clients)
+            upd = p.aggregate(plugin_states[p.name], result)
+            plugin_states[p.name] = upd.state
+            new_params = upd.params if upd.params is not None else new_params
+            basis_id += int(upd.basis_changed)
+        new_state = {"basis_id": basis_id, "optimizer": opt_state, "plugins": plugin_states}
+        return new_params, new_state, self.metrics(new_state)
+
+    def metrics(self, state: dict) -> dict[str, float]:
+        """The optimizer's and the plugins' read-outs of ``state``."""
+        out = dict(self.optimizer.report(state["optimizer"]))
+        for p in self.plugins:
+            out.update(p.metrics(state["plugins"][p.name]))
+        return out
