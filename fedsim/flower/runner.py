@@ -228,8 +228,9 @@ class ServerLoop:
             return
         listing = "\n  - ".join(diffs)
         if not self.force:
-            raise ResumeError(f"cannot resume {self.out}: {path.name} was made with a different setup:\n  - {listing}\n"
-                              "start a new run (another --out), or pass --force to resume anyway")
+            raise ResumeError(f"cannot resume {self.out}: this run's setup differs from the one {path.name} was "
+                              f"made with:\n  - {listing}\nstart a new run (another --out), or pass --force to "
+                              "resume anyway")
         self.notes.append(f"resuming despite differences from {path.name} (--force): {'; '.join(diffs)}")
 
     # ------------------------------------------------------------------ files
