@@ -32,7 +32,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress output, only the final line")
     run.add_argument("--overwrite", action="store_true", help="reuse a run directory that already holds a run")
     run.add_argument("--resume", action="store_true",
-                     help="continue the run in --out from its latest checkpoint (the same scenario only)")
+                     help="continue the run in --out from its latest intact checkpoint (the same scenario only)")
+    run.add_argument("--force", action="store_true",
+                     help="with --resume: continue even if the scenario, partition or fedsim version changed")
     val = sub.add_parser("validate", help="check scenario files without running them")
     val.add_argument("scenario", nargs="+")
     val.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
@@ -47,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fedsim`` console script."""
     args = _parser().parse_args(argv)
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)   # never hard-wrap: messages carry commands and paths
     try:
         return {"run": _run, "validate": _validate, "report": _report,
                 "deploy": run_deploy}[args.command](args, console)
@@ -88,7 +90,7 @@ def _out_dir(args: argparse.Namespace, scn) -> Path:
 def _run(args: argparse.Namespace, console: Console) -> int:
     from fedsim.data import DataUnavailableError
     from fedsim.engine import run_scenario
-    from fedsim.errors import RunError
+    from fedsim.errors import ResumeError, RunError
     from fedsim.scenario import ScenarioError
 
     scn = _load(args.scenario, args.overrides, console)
@@ -98,17 +100,24 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     if args.resume and not args.out and not scn.output.dir:
         console.print("--resume needs the run directory: pass --out DIR", highlight=False)
         return EXIT_USAGE
+    if args.force and not args.resume:
+        console.print("--force only applies with --resume", highlight=False)
+        return EXIT_USAGE
     if (out / "metrics.jsonl").exists() and not (args.overwrite or args.resume):
         console.print(f"{out} already holds a run; choose another --out or pass --overwrite", highlight=False)
         return EXIT_USAGE
     if args.overwrite:
         clear_run_dir(out)
     try:
-        summary = run_scenario(scn, out, progress="none" if args.quiet else "auto", resume=args.resume)
+        summary = run_scenario(scn, out, progress="none" if args.quiet else "auto", resume=args.resume,
+                               force=args.force)
     except DataUnavailableError as exc:
         console.print(f"data set unavailable: {exc}", highlight=False, markup=False)
         return EXIT_USAGE
     except ScenarioError as exc:     # found only once the data is loaded (sizes, natural ids, devices)
+        console.print(str(exc), highlight=False, markup=False)
+        return EXIT_USAGE
+    except ResumeError as exc:
         console.print(str(exc), highlight=False, markup=False)
         return EXIT_USAGE
     except RunError as exc:
@@ -123,8 +132,8 @@ def _run(args: argparse.Namespace, console: Console) -> int:
 
 def clear_run_dir(out: Path) -> None:
     """Remove what a previous run left (results, checkpoints, client state, logs), nothing else."""
-    for name in ("metrics.jsonl", "metrics.csv", "summary.json", "model.safetensors", "partition.json",
-                 "config.yaml"):
+    for name in ("metrics.jsonl", "metrics.csv", "clients.jsonl", "summary.json", "model.safetensors",
+                 "partition.json", "config.yaml"):
         (out / name).unlink(missing_ok=True)
     for sub in ("checkpoints", "client_state", "plots", "logs", "flwr"):
         shutil.rmtree(out / sub, ignore_errors=True)

@@ -3,3 +3,7 @@
 
 class RunError(RuntimeError):
     """A run that could not start or finish, with a message saying why and what to do."""
+
+
+class ResumeError(RunError):
+    """A run directory that cannot be resumed (no intact checkpoint, or a different setup); exit 2."""

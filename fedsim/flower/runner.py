@@ -26,7 +26,7 @@ from flwr.serverapp import Grid
 import fedsim
 from fedsim.builder import build
 from fedsim.core.state import flatten, unflatten
-from fedsim.errors import RunError
+from fedsim.errors import ResumeError, RunError
 from fedsim.federation import Federation, get_federation
 from fedsim.flower.codec import (FORCE_KEY, MIN_NODES_KEY, NODE_WAIT_KEY, OUT_DIR_KEY, PROGRESS_KEY, RESUME_KEY,
                                  SHIP_KEY, message_nbytes, scenario_from_config, to_record)
@@ -39,10 +39,6 @@ from fedsim.results.metrics import CLIENTS_NAME
 from fedsim.runtime import atomic_write_text, default_device
 from fedsim.scenario import Scenario, config_diff, config_sha256, result_config, to_yaml
 from fedsim.train import evaluate
-
-
-class ResumeError(RunError):
-    """A run directory that cannot be resumed (no intact checkpoint, or a different setup)."""
 
 
 def serve(grid: Grid, context: Context) -> dict:
