@@ -27,9 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 FLOOR = r"""
 import json, sys, time
-import numpy as np, torch
+import torch
 torch.set_num_threads(1)
-from fedsim.algorithms.aggregate import mean_update
+from fedsim.core import apply_updates, mean_update
 from fedsim.federation import Federation
 from fedsim.scenario import load_scenario
 from fedsim.seeding import torch_generator
@@ -39,21 +39,19 @@ scn = load_scenario(sys.argv[1], sys.argv[2:])
 fed = Federation(scn)                       # data loading is outside run_s, as in the engines
 t0 = time.perf_counter()
 local, model = scn.federation.local, fed.build_model()
-params = list(fed.initial_arrays().values())
-keys = list(model.state_dict())
+params = fed.initial_arrays()
 for rnd in range(1, scn.federation.rounds + 1):
     outs, weights = [], []
     for cid in fed.sample_clients(rnd):
-        model.load_state_dict({k: torch.from_numpy(v) for k, v in zip(keys, params)})
+        model.load_state_dict({k: torch.from_numpy(v) for k, v in params.items()})
         x, y = fed.client_data(cid)
         local_train(model, x, y, epochs=local.epochs, steps=local.steps, batch_size=local.batch_size,
                     optimizer=local.optimizer, lr=local.lr, momentum=local.momentum,
                     weight_decay=local.weight_decay, generator=torch_generator(scn.seed, "train", rnd, cid))
-        outs.append([v.detach().numpy().copy() for v in model.state_dict().values()])
+        outs.append({k: v.detach().numpy().copy() for k, v in model.state_dict().items()})
         weights.append(len(y))
-    delta = mean_update(params, outs, weights)
-    params = [(p.astype(np.float64) + d).astype(p.dtype) for p, d in zip(params, delta)]
-    model.load_state_dict({k: torch.from_numpy(v) for k, v in zip(keys, params)})
+    params = apply_updates(params, mean_update(params, outs, weights))
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in params.items()})
     acc = evaluate(model, fed.dataset.x_test, fed.dataset.y_test)["accuracy"]
 print(json.dumps({"run_s": time.perf_counter() - t0, "final_accuracy": acc}))
 """

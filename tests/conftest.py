@@ -1,15 +1,8 @@
-"""Shared fixtures: Flower's environment switches and small scenario texts."""
+"""Shared fixtures: small scenario texts (the session's environment is set in ../conftest.py)."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
-import torch
-
-os.environ.update({"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-                   "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"})
-torch.set_num_threads(1)
 
 TINY = """\
 name: tiny

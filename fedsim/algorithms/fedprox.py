@@ -8,7 +8,7 @@ Example:
     >>> anchor = [p.detach().clone() for p in model.parameters()]
     >>> with torch.no_grad():
     ...     model.bias += 2.0
-    >>> float(proximal_term(model, anchor, mu=0.5))     # 0.5 / 2 * 2^2
+    >>> float(proximal_term(model, anchor, mu=0.5).detach())     # 0.5 / 2 * 2^2
     1.0
 
 References:

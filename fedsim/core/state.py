@@ -21,6 +21,8 @@ Example:
 from __future__ import annotations
 
 import json
+import math
+import struct
 from typing import Any, Mapping
 
 import numpy as np
@@ -40,10 +42,12 @@ def _encode(node: Any, path: str, arrays: dict[str, np.ndarray]) -> Any:
         name = path or "."
         while name in arrays:                                     # keys containing "/" could collide
             name += "'"
-        arrays[name] = np.ascontiguousarray(node)
+        arrays[name] = np.asarray(node, order="C")       # (ascontiguousarray would make 0-d arrays 1-d)
         return {"a": name}
     if isinstance(node, np.generic):
         node = node.item()
+    if isinstance(node, float) and not math.isfinite(node):
+        return {"f": struct.pack(">d", node).hex()}               # NaN sign and payload kept too
     if node is None or isinstance(node, (bool, int, float, str)):
         return {"v": node}
     raise TypeError(f"state entry {path or 'the root'} is a {type(node).__name__}: use arrays, numbers, "
@@ -54,7 +58,7 @@ def flatten(state: Any) -> tuple[dict[str, np.ndarray], str]:
     """The arrays of ``state`` by path, and the JSON skeleton that :func:`unflatten` needs."""
     arrays: dict[str, np.ndarray] = {}
     skeleton = _encode(state, "", arrays)
-    return arrays, json.dumps(skeleton, allow_nan=True, separators=(",", ":"))
+    return arrays, json.dumps(skeleton, allow_nan=False, separators=(",", ":"))
 
 
 def _decode(node: dict, arrays: Mapping[str, np.ndarray]) -> Any:
@@ -66,6 +70,8 @@ def _decode(node: dict, arrays: Mapping[str, np.ndarray]) -> Any:
         if node["a"] not in arrays:
             raise ValueError(f"state array '{node['a']}' is missing")
         return np.asarray(arrays[node["a"]])
+    if "f" in node:
+        return struct.unpack(">d", bytes.fromhex(node["f"]))[0]
     return node["v"]
 
 

@@ -158,4 +158,10 @@ def masked(inner: Transform, names: Collection[str]) -> Transform:
         sub, state = inner.update(select(updates, keep), state, select(params, keep), info.restrict(keep))
         return {k: sub[k] if k in keep else d for k, d in updates.items()}, state
 
-    return Transform(lambda params: inner.init(select(params, keep)), update, inner.report, inner.downlink)
+    def init(params: Named) -> Any:
+        missing = sorted(keep - set(params))
+        if missing:
+            raise ValueError(f"masked: {missing} are not among the arrays {list(params)}")
+        return inner.init(select(params, keep))
+
+    return Transform(init, update, inner.report, inner.downlink)

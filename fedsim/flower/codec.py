@@ -7,7 +7,7 @@ record ``<plugin>.<g>`` and its scalars as ``<plugin>.<key>``. A client's plugin
 skeleton of :mod:`fedsim.core.state`), keyed by client because one Flower node may serve many
 virtual clients.
 
-Only Flower's own protobuf serialization is used (never pickle): ``message_nbytes`` is the
+Only Flower's own protobuf serialization is used (never pickle): ``compat.message_nbytes`` is the
 size of the serialized protobuf, i.e. what a Flower runtime actually sends.
 """
 
@@ -21,7 +21,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 
 from fedsim.core.server import Payload
 from fedsim.core.state import flatten, unflatten
-from fedsim.flower.compat import message_from_bytes, message_nbytes, message_to_bytes
+from fedsim.flower.compat import message_from_bytes, message_to_bytes
 from fedsim.scenario import Scenario, validate_dict
 
 #: The records of a message that are not plugin groups.

@@ -16,7 +16,8 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 
 from fedsim.core.arrays import Named
 from fedsim.core.server import ArraySpec
-from fedsim.flower.codec import METRICS_RECORD, MODEL_RECORD, from_record, message_nbytes
+from fedsim.flower.codec import METRICS_RECORD, MODEL_RECORD, from_record
+from fedsim.flower.compat import message_nbytes
 
 
 @dataclass

@@ -29,7 +29,8 @@ from fedsim.core.state import flatten, unflatten
 from fedsim.errors import ResumeError, RunError
 from fedsim.federation import Federation, get_federation
 from fedsim.flower.codec import (FORCE_KEY, MIN_NODES_KEY, NODE_WAIT_KEY, OUT_DIR_KEY, PROGRESS_KEY, RESUME_KEY,
-                                 SHIP_KEY, message_nbytes, scenario_from_config, to_record)
+                                 SHIP_KEY, scenario_from_config, to_record)
+from fedsim.flower.compat import message_nbytes
 from fedsim.flower.strategy import FedsimStrategy, RoundOutcome
 from fedsim.progress import RoundProgress
 from fedsim.results import MetricsWriter, build_summary, bundle, plot_run, read_metrics, save_checkpoint, write_json

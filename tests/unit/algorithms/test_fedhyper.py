@@ -9,7 +9,6 @@ integer counter), 4 clients doing local SGD in a plain loop, driven through
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import subprocess
 import sys

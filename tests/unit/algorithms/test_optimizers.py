@@ -70,17 +70,6 @@ def test_fedadam_by_hand():
     np.testing.assert_allclose(state["v"]["w"], [2.0])
 
 
-def test_order_of_arguments_given_sorted_is_deterministic():
-    """The same reply order gives bit-identical aggregates (non-deterministic accumulation)."""
-    rng = np.random.default_rng(1)
-    x = {"w": rng.normal(size=100).astype(np.float32)}
-    clients = [{"w": rng.normal(size=100).astype(np.float32)} for _ in range(7)]
-    w = rng.integers(1, 50, size=7)
-    a = mean_update(x, clients, w)
-    b = mean_update(x, list(clients), list(w))
-    assert np.array_equal(a["w"], b["w"])
-
-
 def test_errors_and_names():
     """No replies / unknown names are refused; fedprox's server side is FedAvg; apply keeps dtypes."""
     with pytest.raises(ValueError, match="positive weight"):

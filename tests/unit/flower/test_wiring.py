@@ -85,6 +85,17 @@ def test_duplicate_reply_is_rejected_and_not_counted_twice(tmp_path, tiny_yaml):
     assert all(np.array_equal(honest.arrays[k], doubled.arrays[k]) for k in honest.arrays)
 
 
+def test_reply_arrival_order_does_not_change_the_aggregate(tmp_path, tiny_yaml):
+    """Catches aggregation in arrival order (float64 sums in another order differ in the last bits)."""
+    text = tiny_yaml.replace("clients_per_round: 3", "clients_per_round: 6")
+    a, b = Round(text, tmp_path / "a"), Round(text, tmp_path / "b")
+    replies_a, replies_b = a.deliver(a.messages(1)), b.deliver(b.messages(1))
+    ordered = a.strategy.aggregate(1, replies_a)
+    shuffled = b.strategy.aggregate(1, [replies_b[i] for i in (4, 1, 5, 0, 3, 2)])
+    assert all(np.array_equal(ordered.arrays[k], shuffled.arrays[k]) for k in ordered.arrays)
+    assert [c["client_id"] for c in shuffled.clients] == sorted(c["client_id"] for c in shuffled.clients)
+
+
 def _flip(msg: Message, record: str) -> Message:
     """The same message with the arrays of one record negated."""
     content = RecordDict({k: v for k, v in msg.content.items()})

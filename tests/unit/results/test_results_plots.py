@@ -63,9 +63,17 @@ def test_plot_comparison_missing_metrics_names_path(tmp_path):
         plot_comparison([tmp_path / "empty"], tmp_path / "x.png")
 
 
-def test_plots_do_not_touch_pyplot(tmp_path):
+def test_plots_never_use_pyplot(tmp_path):
+    """plot_run draws with matplotlib's object API: pyplot (global figures, a GUI backend) is never
+    imported, so plotting in a worker or a server thread leaks nothing (checked in a fresh process)."""
+    import subprocess
     import sys
 
-    plot_run(_make_run(tmp_path / "r", "x"))
-    if "matplotlib.pyplot" in sys.modules:  # imported by someone else: no figures left open
-        assert sys.modules["matplotlib.pyplot"].get_fignums() == []
+    run = _make_run(tmp_path / "r", "x", lr=True)
+    code = ("import sys; from fedsim.results.plots import plot_run, plot_comparison; "
+            f"plot_run({str(run)!r}); plot_comparison([{str(run)!r}], {str(tmp_path / 'c.png')!r}); "
+            "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot was imported'; "
+            "assert 'matplotlib' in sys.modules")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    _assert_png(tmp_path / "c.png")
