@@ -26,7 +26,7 @@ from typing import Iterator
 
 from fedsim.errors import RunError
 from fedsim.results import bundle
-from fedsim.runtime import free_port, stop_processes
+from fedsim.runtime import free_port, start_process, stop_processes
 from fedsim.scenario import Scenario
 
 
@@ -57,10 +57,7 @@ class LoopbackDeployment:
         return f"127.0.0.1:{self.port}"
 
     def _spawn(self, name: str, args: list[str], log: str) -> None:
-        (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
-        with open(self.run_dir / "logs" / log, "ab") as fh:
-            self.procs.append(subprocess.Popen([_exe(name), *args], stdout=fh, stderr=subprocess.STDOUT,
-                                               stdin=subprocess.DEVNULL, env=self.env, start_new_session=True))
+        self.procs.append(start_process([_exe(name), *args], env=self.env, log_path=self.run_dir / "logs" / log))
 
     def __enter__(self) -> "LoopbackDeployment":
         self.home.mkdir(parents=True, exist_ok=True)

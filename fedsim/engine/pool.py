@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedsim.errors import RunError
-from fedsim.runtime import stop_processes, worker_env
+from fedsim.runtime import start_process, stop_processes, worker_env
 
 PORT_PREFIX = "FEDSIM_WORKER_PORT "
 #: The per-run secret a worker requires in the metadata of every call (given through its environment).
@@ -62,13 +62,10 @@ class WorkerProcess:
 
 def start_worker(index: int, device: str, log_dir: Path, env: dict[str, str], token: str) -> WorkerProcess:
     """Start one worker process (not waiting for it); it serves only callers that present ``token``."""
-    log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"worker-{index}.log"
     full_env = {**env, **worker_env(device), "FEDSIM_WORKER_INDEX": str(index), TOKEN_ENV: token}
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "fedsim.engine.worker", "--parent-pid", str(os.getpid())],
-                                stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, env=full_env,
-                                start_new_session=True, text=True)
+    proc = start_process([sys.executable, "-m", "fedsim.engine.worker", "--parent-pid", str(os.getpid())],
+                         env=full_env, log_path=log_path, pipe_stdout=True)
     return WorkerProcess(index, device, proc, log_path)
 
 

@@ -15,7 +15,7 @@ import sys
 
 from fedsim.runtime.devices import cuda_count, default_device, plan_workers, worker_env
 from fedsim.runtime.files import atomic_write_bytes, atomic_write_text
-from fedsim.runtime.processes import free_port, stop_processes
+from fedsim.runtime.processes import free_port, start_process, stop_processes
 
 #: Set in every process fedsim starts (and in this one before Flower is imported).
 FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
@@ -30,4 +30,4 @@ def flower_env() -> dict[str, str]:
 
 
 __all__ = ["FLOWER_ENV", "atomic_write_bytes", "atomic_write_text", "cuda_count", "default_device", "flower_env",
-           "free_port", "plan_workers", "stop_processes", "worker_env"]
+           "free_port", "plan_workers", "start_process", "stop_processes", "worker_env"]

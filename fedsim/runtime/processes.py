@@ -1,8 +1,9 @@
-"""Processes fedsim starts: stop exactly those (by PID or by their own process group), and free ports.
+"""Processes fedsim starts: start them in their own session, stop exactly those (by PID or by their
+own process group), and free ports.
 
-Every process fedsim starts runs in its own session (``start_new_session=True``), so its
-process group is its own and signalling the group reaches its children (a SuperNode's app
-processes) and nobody else.
+Every process fedsim starts runs in its own session (:func:`start_process`), so a Ctrl-C in the
+terminal reaches only fedsim, and signalling a process group reaches that process's children
+(a SuperNode's app processes) and nobody else.
 
 Example:
     >>> import subprocess, sys
@@ -18,6 +19,7 @@ import signal
 import socket
 import subprocess
 import time
+from pathlib import Path
 from typing import Sequence
 
 
@@ -26,6 +28,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def start_process(argv: Sequence[str], *, env: dict[str, str], log_path: str | Path,
+                  pipe_stdout: bool = False) -> subprocess.Popen:
+    """Start ``argv`` in its own session, stdin closed, stderr appended to ``log_path``; stdout to the
+    log too, or (``pipe_stdout``) a text pipe the caller reads."""
+    log_path = Path(log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(list(argv), stdout=subprocess.PIPE if pipe_stdout else log,
+                                stderr=log, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+                                text=pipe_stdout)
 
 
 def _send(proc: subprocess.Popen, sig: int, group: bool) -> None:
