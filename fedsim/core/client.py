@@ -62,6 +62,8 @@ class LocalRun:
         base_lr: the round's client learning rate.
         device: where training runs.
         server_round, client_id, phase: who and when (from the downlink).
+        basis_id: the server's parameter-basis id (it changes when the parameterisation does:
+            re-factorisation, a new mask); state tied to the basis is reset when it changes.
         optimizer: set by the loop (or replaced in ``prepare``).
         lr_factors: per plugin, a factor on ``base_lr`` for the next step (FedHyper-CL's ``b``).
         steps: real optimizer steps taken so far; ``batches_seen``: batches processed.
@@ -76,6 +78,7 @@ class LocalRun:
     server_round: int = 0
     client_id: int = 0
     phase: str = TRAIN
+    basis_id: int = 0
     optimizer: torch.optim.Optimizer | None = None
     lr_factors: dict[str, float] = field(default_factory=dict)
     steps: int = 0

@@ -6,7 +6,8 @@ plus a list of :class:`ServerPlugin` s. A plugin overrides only the hooks its al
 
 - ``init(params)``: its initial state, from the named global arrays;
 - ``phase(state, round)``: claim a round for a stage of its own (AutoFLIP's exploration); in a
-  claimed round the optimizer does not step and the plugin's ``aggregate`` decides the model;
+  claimed round the optimizer does not step, the plugin may choose who takes part
+  (``sample``) and its ``aggregate`` decides the model;
 - ``downlink(state, round)``: what goes down to every sampled client besides the model — extra
   arrays (CL's previous update, SCAFFOLD's ``c``, a mask) and scalars (a mask id);
 - ``uplink(state, phase, model_specs)``: what a valid reply must contain — which model arrays
@@ -161,6 +162,10 @@ class ServerPlugin:
         """Claim ``server_round`` for a phase of this plugin (None: an ordinary training round)."""
         return None
 
+    def sample(self, state: Any, server_round: int) -> list[int] | None:
+        """In a round this plugin claimed: the clients that take part (None: the usual sampling)."""
+        return None
+
     def downlink(self, state: Any, server_round: int) -> Payload:
         """Arrays and scalars for every client sampled in ``server_round``."""
         return Payload()
@@ -191,6 +196,7 @@ class RoundPlan:
     model_spec: dict[str, ArraySpec]
     group_specs: dict[str, dict[str, ArraySpec]]   # message record name -> array name -> spec
     plugin_of: dict[str, tuple[str, str]]          # message record name -> (plugin, group)
+    cohort: list[int] | None = None                # the phase owner's choice of clients (None: sample)
 
 
 def record_name(plugin: str, group: str) -> str:
@@ -222,16 +228,19 @@ class Server:
         return {"basis_id": 0, "optimizer": self.optimizer.init(params),
                 "plugins": {p.name: p.init(params) for p in self.plugins}}
 
-    def _phase(self, state: dict, server_round: int) -> str:
-        claims = [(p.name, ph) for p in self.plugins
-                  if (ph := p.phase(state["plugins"][p.name], server_round)) is not None]
+    def _phase(self, state: dict, server_round: int) -> tuple[str, list[int] | None]:
+        claims = [(p, ph) for p in self.plugins if (ph := p.phase(state["plugins"][p.name], server_round)) is not None]
         if len(claims) > 1:
-            raise ValueError(f"round {server_round} is claimed by several plugins: {claims}")
-        return claims[0][1] if claims else TRAIN
+            raise ValueError(f"round {server_round} is claimed by several plugins: "
+                             f"{[(p.name, ph) for p, ph in claims]}")
+        if not claims:
+            return TRAIN, None
+        owner, phase = claims[0]
+        return phase, owner.sample(state["plugins"][owner.name], server_round)
 
     def plan(self, state: dict, server_round: int, params: Named) -> RoundPlan:
         """What ``server_round`` sends to every sampled client and expects back."""
-        phase = self._phase(state, server_round)
+        phase, cohort = self._phase(state, server_round)
         down = self.optimizer.downlink(state["optimizer"])
         lr = self.client_lr * down["lr_scale"] if "lr_scale" in down else self.client_lr
         scalars: dict[str, Scalar] = {"phase": phase, "lr": lr, "basis-id": state["basis_id"]}
@@ -248,7 +257,7 @@ class Server:
             for g, spec in groups.items():
                 group_specs[record_name(p.name, g)] = spec
                 plugin_of[record_name(p.name, g)] = (p.name, g)
-        return RoundPlan(server_round, phase, scalars, arrays, model_spec, group_specs, plugin_of)
+        return RoundPlan(server_round, phase, scalars, arrays, model_spec, group_specs, plugin_of, cohort)
 
     def aggregate(self, state: dict, plan: RoundPlan, params: Named,
                   replies: Sequence[ClientUpdate]) -> tuple[Named, dict, dict[str, float]]:

@@ -73,7 +73,7 @@ def handle_train(msg: Message, context: Context) -> Message:
                                           generator=torch_generator(scn.seed, "train", rnd, cid), device=device),
                    lambda params, lr: make_optimizer(params, local.optimizer, lr, local.momentum, local.weight_decay),
                    F.cross_entropy, base_lr=float(cfg["lr"]), device=device, server_round=rnd, client_id=cid,
-                   phase=str(cfg.get("phase", "train")))
+                   phase=str(cfg.get("phase", "train")), basis_id=int(cfg.get("basis-id", 0)))
     plugins = _plugins(scn, fed)
     states = [load_client_state(context.state, cid, p.name) for p in plugins]
     rounds = [p.begin(run, plugin_payload(msg.content, cfg, p.name), s) for p, s in zip(plugins, states)]
@@ -92,7 +92,8 @@ def handle_train(msg: Message, context: Context) -> Message:
         save_client_state(context.state, cid, plugin.name, result.state)
     _count_round(context.state, cid, rnd)
     metrics["compute_s"] = time.perf_counter() - start
-    content = RecordDict({MODEL_RECORD: to_record(upload), **records, METRICS_RECORD: metric_record(metrics)})
+    model_record = {MODEL_RECORD: to_record(upload)} if upload else {}      # a phase may send no model
+    content = RecordDict({**model_record, **records, METRICS_RECORD: metric_record(metrics)})
     return Message(content, reply_to=msg)
 
 

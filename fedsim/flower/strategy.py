@@ -80,7 +80,7 @@ class FedsimStrategy(Strategy):
         if self.state is None:
             self.state = self.server.init(self._params)
         plan = self._plan = self.server.plan(self.state, server_round, self._params)
-        cids = self.fed.sample_clients(server_round)
+        cids = sorted(plan.cohort) if plan.cohort is not None else self.fed.sample_clients(server_round)
         node_of = self._assign_nodes(cids, grid)
         model_bytes = sum(v.nbytes for v in self._params.values())
         self._exp = Expectation(server_round, node_of, dict(enumerate(self.fed.client_sizes)),

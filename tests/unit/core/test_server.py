@@ -151,3 +151,32 @@ def test_a_round_without_replies_changes_nothing():
 def test_plugin_names_must_be_unique():
     with pytest.raises(ValueError, match="unique"):
         Server(identity(), [Masker(), Masker()])
+
+
+class Picky(Explorer):
+    name = "picky"
+
+    def sample(self, state, server_round):
+        return [3, 1]
+
+
+def test_the_phase_owner_chooses_who_takes_part_through_the_strategy(tiny_yaml):
+    """Catches a strategy that ignores the phase owner's cohort (explorers) and samples as usual."""
+    from flwr.app import ConfigRecord
+
+    from fedsim.federation import get_federation
+    from fedsim.flower.strategy import FedsimStrategy
+    from fedsim.scenario import parse_scenario
+
+    class Nodes:
+        def get_node_ids(self):
+            return [1000 + c for c in range(6)]
+
+    set_server_identity(1)
+    fed = get_federation(parse_scenario(tiny_yaml))
+    strategy = FedsimStrategy(fed, Server(identity(), [Picky()]))
+    msgs = strategy.configure_train(1, to_record(fed.initial_arrays()), ConfigRecord(), Nodes())
+    assert [m.content["config"]["client-id"] for m in msgs] == [1, 3]
+    assert all(m.content["config"]["phase"] == "explore" for m in msgs)
+    msgs = strategy.configure_train(2, to_record(fed.initial_arrays()), ConfigRecord(), Nodes())
+    assert [m.content["config"]["client-id"] for m in msgs] == fed.sample_clients(2)
