@@ -59,6 +59,10 @@ class RoundProgress:
         if self.mode != "none":
             self.console.print(text, highlight=False, soft_wrap=True)
 
+    def warn(self, text: str) -> None:
+        """A line the user must see whatever the mode (a resume from an older checkpoint, say)."""
+        self.console.print(f"[yellow]{text}[/yellow]", highlight=False, soft_wrap=True)
+
     def update(self, server_round: int, metrics: dict[str, Any]) -> None:
         """Record that ``server_round`` finished with ``metrics``."""
         if self._bar is not None:

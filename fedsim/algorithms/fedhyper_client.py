@@ -212,7 +212,7 @@ class ClientLR(ClientPlugin):
     def __init__(self, name: str, *, beta_l: float, beta_lg: float, factor_cap: float,
                  bounds: Sequence[float]) -> None:
         self.name = name
-        self.kwargs = {"beta_l": beta_l, "beta_lg": beta_lg, "factor_cap": factor_cap, "bounds": tuple(bounds)}
+        self.kwargs: dict[str, Any] = {"beta_l": beta_l, "beta_lg": beta_lg, "factor_cap": factor_cap, "bounds": tuple(bounds)}
 
     def begin(self, run: LocalRun, downlink: Payload, state: Any) -> ClientRound:
         params = run.trainable()

@@ -17,7 +17,7 @@ References:
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 import torch
 from torch import nn
@@ -29,7 +29,7 @@ from fedsim.core.server import Payload
 def proximal_term(model: nn.Module, anchor: Sequence[torch.Tensor], mu: float) -> torch.Tensor:
     """``mu / 2 * sum_p ||p - anchor_p||^2`` over all of ``model``'s parameters."""
     prox = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
-    return 0.5 * mu * prox
+    return cast(torch.Tensor, 0.5 * mu * prox)
 
 
 class _ProxRound(ClientRound):

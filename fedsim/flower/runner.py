@@ -93,7 +93,7 @@ class ServerLoop:
                 MetricsWriter(self.out, append=self.resume, name=CLIENTS_NAME, csv_name=None) as clients, \
                 RoundProgress(self.scn.federation.rounds, self.progress_mode) as bar:
             for note in self.notes:
-                bar.note(f"[yellow]{note}[/yellow]")
+                bar.warn(note)
             bar.note(self._partition_line() + (f"; resuming after round {done}" if done else ""))
             for rnd in range(done + 1, self.scn.federation.rounds + 1):
                 arrays, row, outcome = self._round(grid, rnd, arrays, start)

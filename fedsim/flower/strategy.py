@@ -105,8 +105,8 @@ class FedsimStrategy(Strategy):
 
     def aggregate(self, server_round: int, replies: Iterable[Message]) -> RoundOutcome:
         """Validate every reply, aggregate the accepted ones in client-id order, step the server."""
-        assert self._exp is not None and self._plan is not None and self._exp.server_round == server_round, \
-            "configure_train first"
+        assert self._exp is not None and self._plan is not None and self.state is not None \
+            and self._exp.server_round == server_round, "configure_train first"
         results = [check_reply(m, self._exp) for m in replies]
         ok = sorted((r for r in results if isinstance(r, Accepted)), key=lambda r: r.cid)
         bad = [r for r in results if isinstance(r, Rejected)]
