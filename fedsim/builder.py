@@ -44,6 +44,7 @@ class Parts:
     server_plugins: list[ServerPlugin] = field(default_factory=list)
     client_plugins: list[ClientPlugin] = field(default_factory=list)
     uniform_weights: bool = False
+    notes: list[str] = field(default_factory=list)      # what the user should know (shown at the start)
 
 
 @dataclass
@@ -52,6 +53,7 @@ class Algorithms:
 
     server: Server
     client_plugins: list[ClientPlugin]
+    notes: list[str] = field(default_factory=list)
 
 
 Builder = Callable[[Any, Federation], Parts]
@@ -93,8 +95,11 @@ def _fedprox(cfg: Any, fed: Federation) -> Parts:
 @register("strategy", "scaffold")
 def _scaffold(cfg: Any, fed: Federation) -> Parts:
     trainable = fed.trainable_names()
+    momentum = fed.scenario.federation.local.momentum
+    notes = [f"strategy 'scaffold' with local momentum {momentum}: option II's control variates assume plain SGD "
+             "steps; set federation.local.momentum: 0 for the paper's algorithm"] if momentum > 0 else []
     return Parts(optimizers.fedavg(cfg.server_lr), [scaffold.ScaffoldServer("scaffold", trainable)],
-                 [scaffold.ScaffoldClient("scaffold")])
+                 [scaffold.ScaffoldClient("scaffold")], notes=notes)
 
 
 # ----------------------------------------------------------------- lr_schedule.kind
@@ -152,7 +157,7 @@ def build(scenario: Scenario, fed: Federation) -> Algorithms:
     optimizer = next(p.optimizer for p in reversed(parts) if p.optimizer is not None)
     server = Server(optimizer, [s for p in parts for s in p.server_plugins], client_lr=scenario.federation.local.lr,
                     uniform_weights=any(p.uniform_weights for p in parts), num_clients=fed.num_clients)
-    return Algorithms(server, [c for p in parts for c in p.client_plugins])
+    return Algorithms(server, [c for p in parts for c in p.client_plugins], [n for p in parts for n in p.notes])
 
 
 def client_plugins(scenario: Scenario, fed: Federation) -> list[ClientPlugin]:

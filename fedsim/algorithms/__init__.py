@@ -7,7 +7,7 @@ their plugins for fedsim's server and client contracts (:mod:`fedsim.core`).
 - :mod:`~fedsim.algorithms.scaffold`: SCAFFOLD's control variates (option II).
 """
 
-from fedsim.algorithms.optimizers import fedadam, fedavg, fedavgm, server_optimizer
+from fedsim.algorithms.optimizers import fedadam, fedavg, fedavgm
 from fedsim.core.arrays import apply_updates, mean_update
 
-__all__ = ["apply_updates", "fedadam", "fedavg", "fedavgm", "mean_update", "server_optimizer"]
+__all__ = ["apply_updates", "fedadam", "fedavg", "fedavgm", "mean_update"]

@@ -8,7 +8,8 @@ This module gathers the public API:
 - the client rule CL: :class:`FedHyperClient` (any torch loop) and :class:`ClientLR` (a fedsim
   client plugin), :func:`auto_beta_lg` (in :mod:`fedsim.algorithms.fedhyper_client`);
 - :class:`PreviousUpdate`, the server plugin that sends CL's ``Delta_{t-1}``;
-- the settings: :func:`canonical_defaults`, :func:`reference_preset`.
+- :func:`reference_preset`: the reference code's settings (the defaults of every function and
+  class here are the canonical ones, the same as the scenario schema's).
 
 Example:
     >>> import numpy as np
@@ -61,31 +62,20 @@ class PreviousUpdate(ServerPlugin):
         return PluginUpdate({k: np.array(result.delta[k], np.float64, copy=True) for k in self.trainable})
 
 
-def canonical_defaults() -> dict[str, Any]:
-    """The canonical settings (spec section 2.6, left column); the scenario schema's defaults."""
-    return {"variant": "g+cl", "alpha0": 1.0, "beta_g": 1.0, "alpha_bounds": (0.2, 5.0),
-            "gm_bounds": (-0.2, 4.0), "gm_momentum": 0.9, "beta_sl": 1.0, "sl_bounds": (0.1, 10.0),
-            "sl_state_clip": True, "beta_l": 1.0, "beta_lg": "auto", "cl_factor_cap": 1.1,
-            "cl_bounds": (0.1, 10.0), "weighting": "num_examples"}
-
-
 def reference_preset() -> dict[str, Any]:
-    """``preset: reference`` (spec section 2.6, right column): the reference code's settings.
+    """``preset: reference`` (spec section 2.6, right column): how the reference code's settings
+    differ from the canonical defaults.
 
-    ``variant`` is not set (the code's default is ``gm``, its "FULL" is ``gm+cl``). ``local``
-    holds the client optimizer settings (for ``federation.local``): Adam, lr 0.01, no decay.
+    Uniform weighting, SL's unclipped accumulator, and (for ``federation.local``) Adam at lr 0.01
+    without decay; the variant is not set (the code's default is ``gm``, its "FULL" is ``gm+cl``).
 
     Example:
         >>> p = reference_preset()
         >>> p["weighting"], p["sl_state_clip"], p["local"]["optimizer"]
         ('uniform', False, 'adam')
     """
-    preset = canonical_defaults()
-    del preset["variant"]
-    preset.update(sl_state_clip=False, weighting="uniform",
-                  local={"optimizer": "adam", "lr": 0.01, "weight_decay": 0.0})
-    return preset
+    return {"weighting": "uniform", "sl_state_clip": False,
+            "local": {"optimizer": "adam", "lr": 0.01, "weight_decay": 0.0}}
 
 
-__all__ = ["VARIANTS", "ClientLR", "FedHyperClient", "PreviousUpdate", "auto_beta_lg", "canonical_defaults",
-           "decay_server", "fedexp_lr", "fedexp_server", "fedhyper_server", "inner", "reference_preset"]
+__all__ = ["VARIANTS", "ClientLR", "FedHyperClient", "PreviousUpdate", "auto_beta_lg", "decay_server", "fedexp_lr", "fedexp_server", "fedhyper_server", "inner", "reference_preset"]

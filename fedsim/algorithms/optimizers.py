@@ -1,14 +1,14 @@
 """The classic server optimizers as transforms: FedAvg, FedAvgM, FedAdam (and FedProx's server side).
 
-Each is a :class:`~fedsim.core.transforms.Transform` of the round's raw aggregate update;
-:func:`server_optimizer` builds one by strategy name.
+Each is a :class:`~fedsim.core.transforms.Transform` of the round's raw aggregate update
+(FedProx's server side is :func:`fedavg`).
 
 Example:
     >>> import numpy as np
     >>> from fedsim.core import RoundInfo, apply_updates, mean_update
     >>> x = {"w": np.zeros(2, np.float32)}
     >>> d = mean_update(x, [{"w": np.array([1., 3.], np.float32)}, {"w": np.array([3., 1.], np.float32)}], [1, 1])
-    >>> opt = server_optimizer("fedavg")
+    >>> opt = fedavgm(server_momentum=0.5)
     >>> step, _ = opt.update(d, opt.init(x), x, RoundInfo(1))
     >>> apply_updates(x, step)["w"].tolist()
     [2.0, 2.0]
@@ -36,14 +36,3 @@ def fedavgm(server_lr: float = 1.0, server_momentum: float = 0.9) -> Transform:
 def fedadam(server_lr: float = 0.01, beta_1: float = 0.9, beta_2: float = 0.99, tau: float = 1e-3) -> Transform:
     """FedAdam: Adam moments of the pseudo-gradient, no bias correction (Reddi et al.)."""
     return adam(server_lr, beta_1, beta_2, tau)
-
-
-def server_optimizer(name: str, **kwargs: float) -> Transform:
-    """A server optimizer by strategy name; ``fedprox`` is FedAvg on the server side."""
-    if name in ("fedavg", "fedprox"):
-        return fedavg(kwargs.get("server_lr", 1.0))
-    if name == "fedavgm":
-        return fedavgm(**kwargs)
-    if name == "fedadam":
-        return fedadam(**kwargs)
-    raise ValueError(f"unknown server optimizer '{name}' (known: fedavg, fedavgm, fedadam, fedprox)")

@@ -81,6 +81,8 @@ class ScaffoldServer(ServerPlugin):
         return model_specs, {"delta_c": {k: ArraySpec(v.shape, np.dtype(np.float32)) for k, v in state.items()}}
 
     def aggregate(self, state: Named, result: RoundResult) -> PluginUpdate:
+        if result.num_clients < 1:
+            raise ValueError("SCAFFOLD needs the population size: build the Server with num_clients=N")
         deltas = [r.groups[self.name]["delta_c"] for r in result.replies]
         return PluginUpdate(server_control(state, deltas, num_clients=result.num_clients))
 
@@ -94,9 +96,8 @@ class _ScaffoldRound(ClientRound):
         self.correction = {k: (self.c[k] - torch.from_numpy(self.c_i[k])).to(run.device) for k in self.c}
 
     def before_step(self, run: LocalRun) -> None:
-        for name, p in run.trainable().items():
-            if p.grad is not None:
-                p.grad.add_(self.correction[name])
+        for name, g in run.grads().items():
+            g.add_(self.correction[name])
 
     def finish(self, run: LocalRun, model: Named) -> ClientResult:
         y = {k: p.detach().cpu().numpy() for k, p in run.trainable().items()}
@@ -109,6 +110,8 @@ class _ScaffoldRound(ClientRound):
 
 class ScaffoldClient(ClientPlugin):
     """The client control variate ``c_i`` (kept in the client's state, float32; zeros at first)."""
+
+    stateful = True
 
     def __init__(self, name: str):
         self.name = name

@@ -1,37 +1,43 @@
 """The client contract: a local run assembled from parts, and the hooks an algorithm plugs into it.
 
-A client's round is a :class:`LocalRun` — the model (holding the global weights), an optimizer
-factory, a batch source (an iterator of epochs, each an iterable of ``(x, y)`` batches, so a
-Poisson ``DPDataLoader`` or a ``BatchMemoryManager`` fits), a loss function and the base
-learning rate — driven by :func:`fedsim.train.train_local` with the hooks of every algorithm
-active on the client. An algorithm's client side is a :class:`ClientPlugin`; each round it
-``begin`` s a :class:`ClientRound` from the round's downlink and its saved client state:
+A client's round is a :class:`LocalRun`. It holds the model (with the global weights), an
+optimizer factory, a batch source, a loss function and the base learning rate. The batch source
+is an iterator of epochs, each an iterable of ``(x, y)`` batches, so a Poisson ``DPDataLoader`` or
+a ``BatchMemoryManager`` fits. :func:`fedsim.train.run_local` drives the run with the hooks of
+every algorithm active on the client. An algorithm's client side is a :class:`ClientPlugin`. Each
+round it ``begin`` s a :class:`ClientRound` from the round's downlink and its saved client state.
+The hooks, in the order the loop calls them:
 
-- ``prepare(run)`` before the first step: may replace ``run.optimizer``, ``run.model`` or
-  ``run.batches`` (Opacus' ``make_private``, a DP optimizer);
+- ``prepare(run)`` before the first step: may wrap the model (``run.wrapped``, e.g. Opacus'
+  ``GradSampleModule``), replace ``run.optimizer`` or ``run.batches``;
 - ``on_epoch(run)`` before the first batch of every epoch;
 - ``loss_term(run)``: a term added to the batch loss (FedProx's proximal term);
-- ``before_step(run)``: after ``backward()``, before ``optimizer.step()`` (gradient masks,
-  SCAFFOLD's correction);
-- ``after_step(run, skipped)``: after the step (FedHyper-CL's rule, re-masking); ``skipped``
-  is an Opacus virtual step, which is not a step;
-- ``procedure(run, rounds)``: optionally replace the whole local procedure (a phase of its own);
-- ``finish(run)``: what it adds to the reply (arrays, metrics, the model upload's wire form) and
-  its client state for the next round it takes part in.
+- ``before_step(run)``: after ``backward()``, before ``optimizer.step()``; edits ``run.grads()``
+  in place (gradient masks, SCAFFOLD's correction);
+- ``after_step(run, skipped)``: after the step (FedHyper-CL's rule, re-masking). ``skipped``
+  means an Opacus virtual step, which does not count as a step;
+- ``procedure(run, rounds)``: optionally replaces the whole local procedure (a phase of its own);
+- ``finish(run, model)``: what it adds to the reply (arrays, metrics, the model upload's wire
+  form) and its client state for the next round it takes part in. Plugins finish in order;
+  ``model`` is the upload as the previous plugins left it;
+- ``close(run)``: always called at the end, also after an error (unwrap, free buffers).
 
-Hooks see tensors by name (``run.trainable()``) and change the learning rate only through
-``run.lr_factors`` — never through the optimizer's ``param_groups`` and never by seeding a
-global RNG — so the same hooks fit the functional path (``torch.func.functional_call`` +
-``vmap(grad)``) used for per-sample gradients and for training several clients in one pass.
+Hooks see tensors by name: ``run.trainable()`` and ``run.grads()`` use the canonical module's
+names even when ``run.wrapped`` is set. They change the learning rate only through
+``run.lr_factors``, never through the optimizer's ``param_groups``. They take randomness only
+from ``run.generator(purpose)``, never from a global RNG. Hooks that keep to this also fit the
+functional path (``torch.func.functional_call`` + ``vmap(grad)``). That path computes per-sample
+gradients and trains several clients in one pass.
 
-``ClientPlugin.private`` declares the keys of its state that must never leave the client
-(DiceSGD's error buffer): :func:`check_private` refuses a reply that carries any of them.
+``ClientPlugin.private`` names the keys of a plugin's state that must never leave the client
+(DiceSGD's error buffer). ``ClientRound.private()`` does the same for what lives only during the
+round. :func:`check_private` refuses a reply that carries any of them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -39,6 +45,8 @@ from torch import nn
 
 from fedsim.core.arrays import Named
 from fedsim.core.server import TRAIN, Payload
+from fedsim.core.state import flatten
+from fedsim.seeding import torch_generator
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -55,18 +63,22 @@ class LocalRun:
     """One client's local training in one round: the parts, and where the loop is.
 
     Attributes:
-        model: the model, holding the global weights, on ``device``.
+        model: the model, holding the global weights, on ``device``. Its names are the canonical
+            ones (what is uploaded); it is the same object for every client of a process.
         batches: the batch source.
         make_optimizer: ``(trainable parameters, lr) -> optimizer``.
         loss_fn: ``(model output, targets) -> scalar loss``.
         base_lr: the round's client learning rate.
         device: where training runs.
+        data: the client's examples ``(x, y)`` (a DP plugin builds its own loader from them).
+        seed: the run seed; :meth:`generator` derives generators from it.
         server_round, client_id, phase: who and when (from the downlink).
-        basis_id: the server's parameter-basis id (it changes when the parameterisation does:
-            re-factorisation, a new mask); state tied to the basis is reset when it changes.
+        basis_id: the server's parameter-basis id. It changes when the parameterisation changes
+            (a re-factorisation, a new mask), and state tied to the basis is reset then.
+        wrapped: a wrapper of ``model`` the loop calls instead (set in ``prepare``), or None.
         optimizer: set by the loop (or replaced in ``prepare``).
         lr_factors: per plugin, a factor on ``base_lr`` for the next step (FedHyper-CL's ``b``).
-        steps: real optimizer steps taken so far; ``batches_seen``: batches processed.
+        steps: real optimizer steps taken so far (Opacus' virtual steps do not count).
     """
 
     model: nn.Module
@@ -75,14 +87,16 @@ class LocalRun:
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     base_lr: float
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    data: tuple[np.ndarray, np.ndarray] | None = None
+    seed: int = 0
     server_round: int = 0
     client_id: int = 0
     phase: str = TRAIN
     basis_id: int = 0
+    wrapped: nn.Module | None = None
     optimizer: torch.optim.Optimizer | None = None
     lr_factors: dict[str, float] = field(default_factory=dict)
     steps: int = 0
-    batches_seen: int = 0
 
     @property
     def lr(self) -> float:
@@ -94,9 +108,30 @@ class LocalRun:
             factor *= f
         return self.base_lr * factor
 
+    @property
+    def num_examples(self) -> int:
+        """``|D_k|``: how many examples the client holds."""
+        return int(len(self.data[1])) if self.data is not None else 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The output of the module being trained (the wrapper if there is one)."""
+        return (self.wrapped if self.wrapped is not None else self.model)(x)
+
     def trainable(self) -> dict[str, nn.Parameter]:
-        """The parameters being trained, by name (``named_parameters`` order)."""
+        """The parameters being trained, by canonical name (``named_parameters`` order)."""
         return {k: p for k, p in self.model.named_parameters() if p.requires_grad}
+
+    def grads(self) -> dict[str, torch.Tensor]:
+        """The gradients the next step will apply, by canonical name (hooks edit them in place).
+
+        A functional loop (``vmap`` over clients or samples) overrides this to hand the hooks its
+        own gradient tensors; hooks that touch gradients only through it run in both loops.
+        """
+        return {k: p.grad for k, p in self.trainable().items() if p.grad is not None}
+
+    def generator(self, purpose: str) -> torch.Generator:
+        """A CPU generator for ``purpose``, a pure function of (seed, purpose, round, client)."""
+        return torch_generator(self.seed, purpose, self.server_round, self.client_id)
 
 
 @dataclass
@@ -107,8 +142,9 @@ class ClientResult:
         metrics: finite numbers for the reply (they reach ``clients.jsonl`` and ``metrics.jsonl``).
         arrays: this plugin's array groups for the reply (``{"delta_c": {...}}``).
         state: the plugin's client state to keep (None: keep nothing).
-        model: the model upload's wire form, if this plugin changes it (a subset of the arrays,
-            or only the kept entries of a mask); None leaves it as it is.
+        model: the model upload's wire form, if this plugin changes it. That is a subset of the
+            arrays, only the kept entries of a mask, or ``{}`` for no model at all. None leaves it
+            as it is.
     """
 
     metrics: dict[str, float] = field(default_factory=dict)
@@ -121,7 +157,7 @@ class ClientRound:
     """One round of a plugin on one client. Every hook is a no-op by default."""
 
     def prepare(self, run: LocalRun) -> None:
-        """Before the first step (``run.optimizer`` exists); may replace the run's parts."""
+        """Before the first step (``run.optimizer`` exists); may wrap the model, replace the parts."""
 
     def on_epoch(self, run: LocalRun) -> None:
         """Before the first batch of every epoch."""
@@ -131,7 +167,7 @@ class ClientRound:
         return None
 
     def before_step(self, run: LocalRun) -> None:
-        """After ``backward()``, before ``optimizer.step()``: gradients are in ``p.grad``."""
+        """After ``backward()``, before ``optimizer.step()``: edit ``run.grads()`` in place."""
 
     def after_step(self, run: LocalRun, skipped: bool) -> None:
         """After ``optimizer.step()``; ``skipped``: the step did not happen (an Opacus virtual step)."""
@@ -144,6 +180,15 @@ class ClientRound:
         """After training: reply contributions and the state to keep. ``model`` is the upload so far."""
         return ClientResult()
 
+    def private(self) -> Mapping[str, Any]:
+        """What lives only during this round and must never leave the client (e.g. an error buffer
+        that is reset every round); checked against the reply like ``ClientPlugin.private``."""
+        return {}
+
+    def close(self, run: LocalRun) -> None:
+        """Always called at the end of the round, also after an error: undo what ``prepare`` did
+        to shared objects (the model is reused by the next client of this process)."""
+
 
 class ClientPlugin:
     """The client side of an algorithm: a factory of :class:`ClientRound` s.
@@ -151,41 +196,68 @@ class ClientPlugin:
     Attributes:
         name: equal to its server side's name (it receives that plugin's downlink).
         private: keys of this plugin's client state that must never leave the client.
+        stateful: whether it keeps client state across rounds (resume needs that state).
+        keep_on_resume: its state must never roll back (a privacy ledger: steps taken after the
+            checkpoint were spent); resume keeps the current state instead of the snapshot's.
     """
 
     name: str = ""
     private: frozenset[str] = frozenset()
+    stateful: bool = False
+    keep_on_resume: bool = False
+
+    def takes_part(self, phase: str) -> bool:
+        """Whether this plugin runs in rounds of ``phase`` (default: ordinary training rounds)."""
+        return phase == TRAIN
 
     def begin(self, run: LocalRun, downlink: Payload, state: Any) -> ClientRound:
-        """Start this plugin's round: ``downlink`` is its part of the message, ``state`` what its
+        """Start this plugin's round. ``downlink`` is its part of the message, ``state`` what its
         last round kept (None the first time this client takes part)."""
         return ClientRound()
 
 
 class PrivateDataError(RuntimeError):
-    """A reply would have carried data its plugin declared private."""
+    """A reply would have carried data a plugin declared private."""
 
 
-def check_private(plugin: ClientPlugin, state: Any, result: ClientResult) -> None:
-    """Refuse a reply that names or carries (byte for byte) any private entry of ``state``.
+def _secrets(plugin: ClientPlugin, state: Any, round_private: Mapping[str, Any]) -> list[tuple[str, np.ndarray]]:
+    kept = {k: v for k, v in (state or {}).items() if k in plugin.private} if isinstance(state, Mapping) else {}
+    out = []
+    for label, tree in (("state", kept), ("round", dict(round_private))):
+        arrays, _ = flatten(tree)
+        out += [(f"{label} '{path}'", a) for path, a in arrays.items()]
+    return out
+
+
+def check_private(plugin: ClientPlugin, state: Any, round_private: Mapping[str, Any],
+                  outgoing: Mapping[str, np.ndarray], names: Iterable[str]) -> None:
+    """Refuse a reply that names a private entry, or carries one (as is, cast or reshaped).
+
+    Args:
+        plugin: the plugin whose secrets are checked.
+        state: the state it keeps (its ``private`` keys are secret).
+        round_private: what its round declared private (``ClientRound.private()``).
+        outgoing: every array of the reply, by where it travels (``"<record>/<name>"``).
+        names: every record, array and metric name in the reply.
+
+    A copy of a secret inside a larger array is not found here; the privacy audits scan the
+    serialized messages for that.
 
     Example:
         >>> p = ClientPlugin(); p.name, p.private = "dice", frozenset({"error"})
-        >>> e = np.arange(4.0)
-        >>> check_private(p, {"error": e}, ClientResult(arrays={"up": {"x": e.copy()}}))
+        >>> e = {"w": np.arange(1.0, 5.0)}
+        >>> check_private(p, {"error": e}, {}, {"dice.up/x": e["w"].astype(np.float32).reshape(2, 2)}, [])
         Traceback (most recent call last):
         ...
-        fedsim.core.client.PrivateDataError: plugin 'dice' would send its private state 'error' (array 'up/x')
+        fedsim.core.client.PrivateDataError: plugin 'dice' would send its private state 'error/w' (in 'dice.up/x')
     """
-    if not plugin.private:
-        return
-    named = set(result.metrics) | set(result.arrays) | {n for g in result.arrays.values() for n in g}
-    for key in sorted(plugin.private & named):
-        raise PrivateDataError(f"plugin '{plugin.name}' would send an entry named after its private state '{key}'")
-    secret = {k: np.asarray(v) for k, v in (state or {}).items() if k in plugin.private}
-    uploads = [(f"{g}/{n}", a) for g, arrays in result.arrays.items() for n, a in arrays.items()]
-    uploads += [(f"model/{n}", a) for n, a in (result.model or {}).items()]
-    for key, value in secret.items():
-        for where, arr in uploads:
-            if arr.shape == value.shape and np.array_equal(arr, value) and np.any(value):
-                raise PrivateDataError(f"plugin '{plugin.name}' would send its private state '{key}' (array '{where}')")
+    keys = set(plugin.private) | set(round_private)
+    for name in sorted(keys & set(names)):
+        raise PrivateDataError(f"plugin '{plugin.name}' would send an entry named after its private data '{name}'")
+    for label, secret in _secrets(plugin, state, round_private):
+        if secret.size == 0 or not np.any(secret):
+            continue                                    # zeros (a reset buffer) carry nothing
+        flat = secret.ravel().astype(np.float32)
+        for where, arr in outgoing.items():
+            if arr.size == secret.size and np.array_equal(arr.ravel().astype(np.float32), flat):
+                raise PrivateDataError(f"plugin '{plugin.name}' would send its private {label} (in '{where}')")

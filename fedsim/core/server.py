@@ -5,17 +5,23 @@ A federation's server is a :class:`Server`: a server optimizer (a
 plus a list of :class:`ServerPlugin` s. A plugin overrides only the hooks its algorithm needs:
 
 - ``init(params)``: its initial state, from the named global arrays;
-- ``phase(state, round)``: claim a round for a stage of its own (AutoFLIP's exploration); in a
-  claimed round the optimizer does not step, the plugin may choose who takes part
-  (``sample``) and its ``aggregate`` decides the model;
+- ``phase(state, round)``: claim a round for a stage of its own (AutoFLIP's exploration, which
+  claims round 0 so it runs before round 1 and shifts no training round). In a claimed round
+  the optimizer does not step, the owner may choose who takes part (``sample``) and its
+  ``aggregate`` decides the model. Other plugins take part only if ``takes_part(phase)`` says
+  so (a privacy ledger does);
 - ``downlink(state, round)``: what goes down to every sampled client besides the model — extra
-  arrays (CL's previous update, SCAFFOLD's ``c``, a mask) and scalars (a mask id);
+  arrays (CL's previous update, SCAFFOLD's ``c``) and scalars (a mask id);
+  ``downlink_client(state, round, cid)``: what only one client gets (a mask it has not seen);
 - ``uplink(state, phase, model_specs)``: what a valid reply must contain — which model arrays
   come back and how (dense, or only the kept entries of a mask: :class:`ArraySpec`), and the
   plugin's own arrays (SCAFFOLD's ``delta_c``);
+- ``mask(state)``: entries of the global arrays that must stay exactly 0 (pruned weights): the
+  server zeroes them in the aggregate update and in the step, and stateful transforms zero
+  their state there (``RoundInfo.mask``);
 - ``aggregate(state, result)``: after the model step, update its state from the accepted
-  replies, optionally replace the new global arrays (re-masking, FedSVD's re-factorisation) and
-  say whether the parameter basis changed (every client then sees a new ``basis-id``);
+  replies, optionally replace the new global arrays (FedSVD's re-factorisation) and say whether
+  the parameter basis changed (every client then sees a new ``basis-id``);
 - ``metrics(state)``: numbers for ``metrics.jsonl``.
 
 Everything here is pure numpy: no Flower, no YAML. The Flower strategy
@@ -45,7 +51,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from fedsim.core.arrays import Named, apply_updates, mean_update
-from fedsim.core.transforms import RoundInfo, Transform
+from fedsim.core.transforms import RoundInfo, Transform, zero_masked
 
 #: The phase of an ordinary training round (a plugin may claim others).
 TRAIN = "train"
@@ -159,8 +165,13 @@ class ServerPlugin:
         return None
 
     def phase(self, state: Any, server_round: int) -> str | None:
-        """Claim ``server_round`` for a phase of this plugin (None: an ordinary training round)."""
+        """Claim ``server_round`` for a phase of this plugin (None: an ordinary training round).
+        Claiming round 0 adds a round before round 1."""
         return None
+
+    def takes_part(self, phase: str) -> bool:
+        """Whether this plugin runs in rounds of ``phase`` that it does not own (default: training only)."""
+        return phase == TRAIN
 
     def sample(self, state: Any, server_round: int) -> list[int] | None:
         """In a round this plugin claimed: the clients that take part (None: the usual sampling)."""
@@ -169,6 +180,14 @@ class ServerPlugin:
     def downlink(self, state: Any, server_round: int) -> Payload:
         """Arrays and scalars for every client sampled in ``server_round``."""
         return Payload()
+
+    def downlink_client(self, state: Any, server_round: int, cid: int) -> Payload:
+        """Arrays and scalars for client ``cid`` alone (on top of :meth:`downlink`)."""
+        return Payload()
+
+    def mask(self, state: Any) -> Named | None:
+        """Per array name, a bool array: False entries stay exactly 0 (None: no mask)."""
+        return None
 
     def uplink(self, state: Any, phase: str,
                model_specs: dict[str, ArraySpec]) -> tuple[dict[str, ArraySpec], dict[str, dict[str, ArraySpec]]]:
@@ -197,6 +216,22 @@ class RoundPlan:
     group_specs: dict[str, dict[str, ArraySpec]]   # message record name -> array name -> spec
     plugin_of: dict[str, tuple[str, str]]          # message record name -> (plugin, group)
     cohort: list[int] | None = None                # the phase owner's choice of clients (None: sample)
+    plugins: list[str] = field(default_factory=list)   # the plugins taking part in this round
+
+
+def _merge(scalars: dict, arrays: dict, plugin: str, payload: Payload) -> None:
+    scalars.update({f"{plugin}.{k}": v for k, v in payload.scalars.items()})
+    arrays.update({record_name(plugin, g): a for g, a in payload.arrays.items()})
+
+
+def _check_like(params: Named, new: Named, plugin: str) -> None:
+    """A plugin's new global arrays must keep the names, shapes and dtypes (the next plan takes them)."""
+    if list(new) != list(params):
+        raise ValueError(f"plugin '{plugin}' returned arrays {list(new)[:4]}..., not the model's {list(params)[:4]}...")
+    for k, v in new.items():
+        if v.shape != params[k].shape or v.dtype != params[k].dtype:
+            raise ValueError(f"plugin '{plugin}' returned '{k}' as {v.dtype}{list(v.shape)}, "
+                             f"not {params[k].dtype}{list(params[k].shape)}")
 
 
 def record_name(plugin: str, group: str) -> str:
@@ -212,7 +247,7 @@ class Server:
         plugins: the algorithms' server parts, called in this order.
         client_lr: the clients' base learning rate; the optimizer's ``lr_scale`` multiplies it.
         uniform_weights: weight every reply 1 (else by its example count).
-        num_clients: the population size N (plugins such as SCAFFOLD read it).
+        num_clients: the population size N (SCAFFOLD needs it; 0 means unknown).
     """
 
     def __init__(self, optimizer: Transform, plugins: Sequence[ServerPlugin] = (), *, client_lr: float = 0.0,
@@ -224,40 +259,64 @@ class Server:
         self.client_lr, self.uniform_weights, self.num_clients = float(client_lr), uniform_weights, num_clients
 
     def init(self, params: Named) -> dict:
-        """The server state before round 1."""
+        """The server state before the first round."""
         return {"basis_id": 0, "optimizer": self.optimizer.init(params),
                 "plugins": {p.name: p.init(params) for p in self.plugins}}
 
-    def _phase(self, state: dict, server_round: int) -> tuple[str, list[int] | None]:
+    def first_round(self, state: dict) -> int:
+        """0 when a plugin claims round 0 (a stage before round 1), else 1."""
+        return 0 if any(p.phase(state["plugins"][p.name], 0) is not None for p in self.plugins) else 1
+
+    def _claim(self, state: dict, server_round: int) -> tuple[str, ServerPlugin | None]:
         claims = [(p, ph) for p in self.plugins if (ph := p.phase(state["plugins"][p.name], server_round)) is not None]
         if len(claims) > 1:
             raise ValueError(f"round {server_round} is claimed by several plugins: "
                              f"{[(p.name, ph) for p, ph in claims]}")
-        if not claims:
-            return TRAIN, None
-        owner, phase = claims[0]
-        return phase, owner.sample(state["plugins"][owner.name], server_round)
+        return (claims[0][1], claims[0][0]) if claims else (TRAIN, None)
+
+    def _taking_part(self, phase: str, owner: ServerPlugin | None) -> list[ServerPlugin]:
+        return [p for p in self.plugins if p is owner or p.takes_part(phase)]
 
     def plan(self, state: dict, server_round: int, params: Named) -> RoundPlan:
         """What ``server_round`` sends to every sampled client and expects back."""
-        phase, cohort = self._phase(state, server_round)
+        phase, owner = self._claim(state, server_round)
         down = self.optimizer.downlink(state["optimizer"])
+        if set(down) - {"lr_scale"}:
+            raise ValueError(f"the server optimizer's downlink has keys {sorted(down)}; the server knows only "
+                             "'lr_scale' (a factor on the client LR): send other scalars from a plugin")
         lr = self.client_lr * down["lr_scale"] if "lr_scale" in down else self.client_lr
-        scalars: dict[str, Scalar] = {"phase": phase, "lr": lr, "basis-id": state["basis_id"]}
-        arrays: dict[str, Named] = {}
-        model_spec = {k: ArraySpec.of(v) for k, v in params.items()} if phase == TRAIN else {}
-        group_specs: dict[str, dict[str, ArraySpec]] = {}
-        plugin_of: dict[str, tuple[str, str]] = {}
-        for p in self.plugins:
+        plan = RoundPlan(server_round, phase, {"phase": phase, "lr": lr, "basis-id": state["basis_id"]}, {},
+                         {k: ArraySpec.of(v) for k, v in params.items()} if phase == TRAIN else {}, {}, {})
+        if owner is not None:
+            plan.cohort = owner.sample(state["plugins"][owner.name], server_round)
+        for p in self._taking_part(phase, owner):
             pstate = state["plugins"][p.name]
-            payload = p.downlink(pstate, server_round)
-            scalars.update({f"{p.name}.{k}": v for k, v in payload.scalars.items()})
-            arrays.update({record_name(p.name, g): a for g, a in payload.arrays.items()})
-            model_spec, groups = p.uplink(pstate, phase, model_spec)
+            _merge(plan.scalars, plan.arrays, p.name, p.downlink(pstate, server_round))
+            plan.model_spec, groups = p.uplink(pstate, phase, plan.model_spec)
             for g, spec in groups.items():
-                group_specs[record_name(p.name, g)] = spec
-                plugin_of[record_name(p.name, g)] = (p.name, g)
-        return RoundPlan(server_round, phase, scalars, arrays, model_spec, group_specs, plugin_of, cohort)
+                plan.group_specs[record_name(p.name, g)] = spec
+                plan.plugin_of[record_name(p.name, g)] = (p.name, g)
+            plan.plugins.append(p.name)
+        return plan
+
+    def client_downlink(self, state: dict, plan: RoundPlan, cid: int) -> Payload:
+        """What client ``cid`` alone gets this round (every taking-part plugin's ``downlink_client``)."""
+        out = Payload()
+        for p in self.plugins:
+            if p.name in plan.plugins:
+                _merge(out.scalars, out.arrays, p.name,
+                       p.downlink_client(state["plugins"][p.name], plan.server_round, cid))
+        return out
+
+    def _mask(self, state: dict) -> Named | None:
+        masks = [m for p in self.plugins if (m := p.mask(state["plugins"][p.name])) is not None]
+        if not masks:
+            return None
+        out = {k: np.asarray(v, bool) for k, v in masks[0].items()}
+        for m in masks[1:]:
+            for k, v in m.items():
+                out[k] = out[k] & v if k in out else np.asarray(v, bool)
+        return out
 
     def aggregate(self, state: dict, plan: RoundPlan, params: Named,
                   replies: Sequence[ClientUpdate]) -> tuple[Named, dict, dict[str, float]]:
@@ -271,16 +330,21 @@ class Server:
         if plan.phase == TRAIN and plan.model_spec:
             weights = [1.0] * len(replies) if self.uniform_weights else [r.weight for r in replies]
             models = [r.model for r in replies]
-            delta = mean_update(params, models, weights)
+            mask = self._mask(state)
+            delta = zero_masked(mean_update(params, models, weights), mask)
             step, opt_state = self.optimizer.update(delta, opt_state, params,
-                                                    RoundInfo(plan.server_round, models, weights))
-            new_params = apply_updates(params, step)
+                                                    RoundInfo(plan.server_round, models, weights, mask))
+            new_params = apply_updates(params, zero_masked(step, mask))
         basis_id, plugin_states = state["basis_id"], dict(state["plugins"])
         for p in self.plugins:
+            if p.name not in plan.plugins:
+                continue
             result = RoundResult(plan.server_round, plan.phase, params, new_params, delta, replies, self.num_clients)
             upd = p.aggregate(plugin_states[p.name], result)
             plugin_states[p.name] = upd.state
-            new_params = upd.params if upd.params is not None else new_params
+            if upd.params is not None:
+                _check_like(params, upd.params, p.name)
+                new_params = upd.params
             basis_id += int(upd.basis_changed)
         new_state = {"basis_id": basis_id, "optimizer": opt_state, "plugins": plugin_states}
         return new_params, new_state, self.metrics(new_state)

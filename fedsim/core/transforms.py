@@ -36,7 +36,8 @@ import numpy as np
 
 from fedsim.core.arrays import Named, apply_updates, select
 
-__all__ = ["RoundInfo", "Transform", "adam", "apply_updates", "chain", "identity", "masked", "scale", "trace"]
+__all__ = ["RoundInfo", "Transform", "adam", "apply_updates", "chain", "identity", "masked", "scale", "trace",
+           "zero_masked"]
 
 
 @dataclass(frozen=True)
@@ -47,15 +48,26 @@ class RoundInfo:
         server_round: the round being aggregated (1-based).
         client_params: the accepted replies' new arrays, in client-id order (FedExp reads them).
         weights: the aggregation weights of those replies (before normalisation).
+        mask: per array name, a bool array whose False entries must stay exactly 0 (pruning);
+            transforms with state keep their state 0 there too. None: no mask.
     """
 
     server_round: int
     client_params: Sequence[Mapping[str, np.ndarray]] = ()
     weights: Sequence[float] = ()
+    mask: Mapping[str, np.ndarray] | None = None
 
     def restrict(self, names: Collection[str]) -> "RoundInfo":
         """The same round, seeing only the arrays in ``names``."""
-        return RoundInfo(self.server_round, [select(c, names) for c in self.client_params], self.weights)
+        mask = select(self.mask, names) if self.mask is not None else None
+        return RoundInfo(self.server_round, [select(c, names) for c in self.client_params], self.weights, mask)
+
+
+def zero_masked(arrays: Named, mask: Mapping[str, np.ndarray] | None) -> Named:
+    """``arrays`` with the entries ``mask`` prunes set to exactly 0 (unchanged without a mask)."""
+    if mask is None:
+        return arrays
+    return {k: np.where(mask[k], v, 0.0) if k in mask else v for k, v in arrays.items()}
 
 
 def _none(state: Any) -> dict[str, float]:
@@ -100,7 +112,7 @@ def trace(momentum: float) -> Transform:
         return {k: np.zeros(p.shape, np.float64) for k, p in params.items()}
 
     def update(updates, state, params, info):
-        m = {k: mu * state[k] + d for k, d in updates.items()}
+        m = zero_masked({k: mu * state[k] + d for k, d in updates.items()}, info.mask)
         return dict(m), m
 
     return Transform(init, update)
@@ -116,8 +128,8 @@ def adam(lr: float = 0.01, beta_1: float = 0.9, beta_2: float = 0.99, tau: float
                 "v": {k: np.zeros(p.shape, np.float64) for k, p in params.items()}}
 
     def update(updates, state, params, info):
-        m = {k: b1 * state["m"][k] + (1 - b1) * d for k, d in updates.items()}
-        v = {k: b2 * state["v"][k] + (1 - b2) * d * d for k, d in updates.items()}
+        m = zero_masked({k: b1 * state["m"][k] + (1 - b1) * d for k, d in updates.items()}, info.mask)
+        v = zero_masked({k: b2 * state["v"][k] + (1 - b2) * d * d for k, d in updates.items()}, info.mask)
         return {k: lr * m[k] / (np.sqrt(v[k]) + tau) for k in updates}, {"m": m, "v": v}
 
     return Transform(init, update, report=lambda state: {"lr_global": lr})

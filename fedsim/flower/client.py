@@ -72,29 +72,55 @@ def handle_train(msg: Message, context: Context) -> Message:
     run = LocalRun(model, ShuffledBatches(x, y, batch_size=local.batch_size, epochs=local.epochs, steps=local.steps,
                                           generator=torch_generator(scn.seed, "train", rnd, cid), device=device),
                    lambda params, lr: make_optimizer(params, local.optimizer, lr, local.momentum, local.weight_decay),
-                   F.cross_entropy, base_lr=float(cfg["lr"]), device=device, server_round=rnd, client_id=cid,
-                   phase=str(cfg.get("phase", "train")), basis_id=int(cfg.get("basis-id", 0)))
-    plugins = _plugins(scn, fed)
-    states = [load_client_state(context.state, cid, p.name) for p in plugins]
-    rounds = [p.begin(run, plugin_payload(msg.content, cfg, p.name), s) for p, s in zip(plugins, states)]
-    with torch_rng(scn.seed, "train-rng", rnd, cid, device=device):   # dropout & co.: (seed, round, client)
-        out = run_local(run, rounds)
-    upload = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
-    records: dict = {}
-    metrics = {"num-examples": int(len(y)), "train_loss": out["train_loss"], "steps": run.steps,
-               "client-id": cid, "server-round": rnd, "lr_local": run.lr}
-    for plugin, state, r in zip(plugins, states, rounds):
-        result = r.finish(run, upload)
-        check_private(plugin, result.state, result)
-        upload = result.model if result.model is not None else upload
-        records.update({f"{plugin.name}.{g}": to_record(a) for g, a in result.arrays.items()})
-        metrics.update(result.metrics)
+                   F.cross_entropy, base_lr=float(cfg["lr"]), device=device, data=(x, y), seed=scn.seed,
+                   server_round=rnd, client_id=cid, phase=str(cfg.get("phase", "train")),
+                   basis_id=int(cfg.get("basis-id", 0)))
+    plugins = [p for p in _plugins(scn, fed) if p.takes_part(run.phase)]
+    rounds = [p.begin(run, plugin_payload(msg.content, cfg, p.name), load_client_state(context.state, cid, p.name))
+              for p in plugins]
+    try:
+        with torch_rng(scn.seed, "train-rng", rnd, cid, device=device):   # dropout & co.: (seed, round, client)
+            out = run_local(run, rounds)
+        upload = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+        results = []
+        for r in rounds:
+            results.append(r.finish(run, upload))
+            upload = results[-1].model if results[-1].model is not None else upload
+        metrics = {"num-examples": int(len(y)), "train_loss": out["train_loss"], "steps": run.steps,
+                   "client-id": cid, "server-round": rnd, "lr_local": run.lr}
+        records = _reply_records(plugins, results, metrics)
+        outgoing = {f"{MODEL_RECORD}/{k}": v for k, v in upload.items()}
+        outgoing.update({f"{rec}/{k}": v for rec, arrays in records.items() for k, v in arrays.items()})
+        names = set(metrics) | set(records) | {n.split("/", 1)[1] for n in outgoing}
+        for plugin, r, result in zip(plugins, rounds, results):
+            check_private(plugin, result.state, r.private(), outgoing, names)
+    finally:
+        for r in rounds:
+            r.close(run)
+    for plugin, result in zip(plugins, results):     # only a reply that passed every check changes state
         save_client_state(context.state, cid, plugin.name, result.state)
     _count_round(context.state, cid, rnd)
     metrics["compute_s"] = time.perf_counter() - start
     model_record = {MODEL_RECORD: to_record(upload)} if upload else {}      # a phase may send no model
-    content = RecordDict({**model_record, **records, METRICS_RECORD: metric_record(metrics)})
+    content = RecordDict({**model_record, **{k: to_record(v) for k, v in records.items()},
+                          METRICS_RECORD: metric_record(metrics)})
     return Message(content, reply_to=msg)
+
+
+def _reply_records(plugins: list[ClientPlugin], results: list, metrics: dict) -> dict:
+    """The plugins' array groups as reply records; their metrics merged into ``metrics`` (a plugin
+    may not overwrite a protocol metric or another plugin's)."""
+    records = {}
+    owner = dict.fromkeys(metrics, "fedsim")
+    for plugin, result in zip(plugins, results):
+        clash = sorted(k for k in result.metrics if k in owner)
+        if clash:
+            raise ValueError(f"plugin '{plugin.name}' reports metrics {clash} that {owner[clash[0]]} already reports; "
+                             "give them a name of their own")
+        owner.update(dict.fromkeys(result.metrics, plugin.name))
+        metrics.update(result.metrics)
+        records.update({f"{plugin.name}.{g}": a for g, a in result.arrays.items()})
+    return records
 
 
 def _count_round(state: RecordDict, cid: int, rnd: int) -> None:

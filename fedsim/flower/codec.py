@@ -63,6 +63,12 @@ def _state_keys(cid: int, plugin: str) -> tuple[str, str]:
     return f"client-{cid}/{plugin}", f"client-{cid}/{plugin}/tree"
 
 
+def state_plugin(key: str) -> str | None:
+    """The plugin a ``context.state`` record belongs to (None for other records)."""
+    parts = key.split("/")
+    return parts[1] if key.startswith("client-") and len(parts) in (2, 3) else None
+
+
 def load_client_state(state: RecordDict, cid: int, plugin: str) -> Any:
     """A plugin's saved state for client ``cid`` (None when it has none)."""
     arrays_key, tree_key = _state_keys(cid, plugin)

@@ -34,7 +34,8 @@ from fedsim.flower.compat import message_nbytes
 from fedsim.flower.strategy import FedsimStrategy, RoundOutcome
 from fedsim.progress import RoundProgress
 from fedsim.results import MetricsWriter, build_summary, bundle, plot_run, read_metrics, save_checkpoint, write_json
-from fedsim.results.checkpoint import (checkpoint_path, iter_intact, restore_client_state, snapshot_client_state,
+from fedsim.flower.state_store import restore_snapshot
+from fedsim.results.checkpoint import (checkpoint_path, iter_intact, prune_checkpoints, snapshot_client_state,
                                        snapshot_path)
 from fedsim.results.metrics import CLIENTS_NAME
 from fedsim.runtime import atomic_write_text, default_device
@@ -77,16 +78,23 @@ class ServerLoop:
                  force: bool = False):
         self.scn, self.out, self.resume, self.force = scenario, out_dir, resume, force
         self.fed: Federation = get_federation(scenario)
-        self.strategy = FedsimStrategy(self.fed, build(scenario, self.fed).server)
+        algorithms = build(scenario, self.fed)
+        self.strategy = FedsimStrategy(self.fed, algorithms.server)
+        self.client_plugins = algorithms.client_plugins
         self.progress_mode = progress
         self.eval_model = self.fed.build_model()
         self.stats = self.fed.stats()
         self.totals = {"aggregate_s": 0.0, "wall_s": 0.0}    # carried over from a checkpoint on resume
-        self.notes: list[str] = []
+        self.notes: list[str] = list(algorithms.notes)
 
     def run(self, grid: Grid) -> dict:
         """Train for ``federation.rounds`` rounds and write every result file."""
-        done, arrays, rows = self._restore() if self.resume else (0, self.fed.initial_arrays(), [])
+        if self.resume:
+            done, arrays, rows = self._restore()
+            first = done + 1
+        else:
+            arrays, rows = self.fed.initial_arrays(), []
+            first = self.strategy.first_round(arrays)
         self._prepare()
         start = time.perf_counter() - self.totals["wall_s"]
         with MetricsWriter(self.out, append=self.resume) as sink, \
@@ -94,8 +102,8 @@ class ServerLoop:
                 RoundProgress(self.scn.federation.rounds, self.progress_mode) as bar:
             for note in self.notes:
                 bar.warn(note)
-            bar.note(self._partition_line() + (f"; resuming after round {done}" if done else ""))
-            for rnd in range(done + 1, self.scn.federation.rounds + 1):
+            bar.note(self._partition_line() + (f"; resuming after round {first - 1}" if self.resume else ""))
+            for rnd in range(first, self.scn.federation.rounds + 1):
                 arrays, row, outcome = self._round(grid, rnd, arrays, start)
                 sink.write(row)
                 for client_row in outcome.clients:
@@ -165,7 +173,8 @@ class ServerLoop:
         state_arrays, skeleton = flatten(self.strategy.state_dict())
         tensors = {f"model.{k}": torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
         tensors.update({f"state/{k}": torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_arrays.items()})
-        save_checkpoint(path, tensors, {**self._meta(rnd, wall_s), "state": skeleton})
+        save_checkpoint(path, tensors, {**self._meta(rnd, wall_s), "state": skeleton}, durable=True)
+        prune_checkpoints(self.out, self.scn.output.keep_checkpoints)
 
     def _restore(self) -> tuple[int, dict[str, np.ndarray], list[dict]]:
         """The latest intact checkpoint: its round, model, server and client state; later rows are dropped."""
@@ -183,10 +192,9 @@ class ServerLoop:
         except (KeyError, ValueError, TypeError) as exc:
             raise ResumeError(f"{path} has no readable server state ({exc}); it was written by another "
                               "fedsim version") from None
-        restore_client_state(snapshot_path(path), self.out / "client_state")
-        if self.scn.engine.kind in ("flower", "ray"):
-            self.notes.append(f"engine '{self.scn.engine.kind}' keeps client state in the SuperNodes: stateful "
-                              "clients start afresh on resume (use inprocess or workers for exact resume)")
+        self._check_client_state_resumes()
+        restore_snapshot(snapshot_path(path), self.out / "client_state",
+                         keep=[p.name for p in self.client_plugins if p.keep_on_resume])
         for name in ("metrics.jsonl", CLIENTS_NAME):      # rewrite without the rounds after the checkpoint
             kept = [r for r in read_metrics(self.out, name) if r["round"] <= done] if (self.out / name).exists() else []
             with MetricsWriter(self.out, name=name, csv_name="metrics.csv" if name == "metrics.jsonl" else None) as w:
@@ -194,6 +202,18 @@ class ServerLoop:
                     w.write(row)
         rows = read_metrics(self.out) if (self.out / "metrics.jsonl").exists() else []
         return done, {k: loaded[k] for k in order}, rows
+
+    def _check_client_state_resumes(self) -> None:
+        """On Flower's runtimes client state lives in the SuperNodes, not in the run directory."""
+        stateful = [p.name for p in self.client_plugins if p.stateful]
+        if self.scn.engine.kind not in ("flower", "ray") or not stateful:
+            return
+        message = (f"engine '{self.scn.engine.kind}' keeps client state in the SuperNodes, so {stateful} would "
+                   "restart from empty client state and the resumed run would not be the run it continues")
+        if not self.force:
+            raise ResumeError(f"cannot resume {self.out}: {message}; resume on engine inprocess or workers "
+                              "(--set engine.kind=workers), or pass --force")
+        self.notes.append(f"{message} (--force)")
 
     def _intact_checkpoint(self) -> tuple[dict, dict[str, str], Path]:
         """The newest readable checkpoint; unreadable newer ones are reported and skipped."""

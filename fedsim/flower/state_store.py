@@ -2,15 +2,20 @@
 
 One file per node, ``node-<id>.pb``: Flower's own RecordDict protobuf (never pickle),
 written atomically with mode 0600 (it may hold private data, e.g. DiceSGD's error buffer).
+:func:`restore_snapshot` puts a checkpoint's snapshot back, keeping the current state of the
+plugins whose state must never roll back (privacy ledgers).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Collection
 
 from flwr.app import RecordDict
 
+from fedsim.flower.codec import state_plugin
 from fedsim.flower.compat import recorddict_from_bytes, recorddict_to_bytes
+from fedsim.results.checkpoint import restore_client_state
 from fedsim.runtime.files import atomic_write_bytes
 
 
@@ -32,3 +37,20 @@ def save_state(state_dir: Path | None, node_id: int, state: RecordDict) -> None:
     if state_dir is None or not len(state):
         return
     atomic_write_bytes(state_path(state_dir, node_id), recorddict_to_bytes(state), mode=0o600)
+
+
+def restore_snapshot(snapshot: Path, state_dir: Path, keep: Collection[str] = ()) -> None:
+    """Make ``state_dir`` the snapshot's client state, except the records of the plugins in
+    ``keep``, which keep their current (newer) content."""
+    current = {p.name: load_state(state_dir, int(p.stem.removeprefix("node-")))
+               for p in sorted(Path(state_dir).glob("node-*.pb"))} if keep and Path(state_dir).is_dir() else {}
+    restore_client_state(snapshot, state_dir)
+    for name, now in current.items():
+        node = int(name.removeprefix("node-").removesuffix(".pb"))
+        merged = load_state(state_dir, node)
+        for key in [k for k in merged.keys() if state_plugin(k) in keep]:
+            del merged[key]
+        for key, record in now.items():
+            if state_plugin(key) in keep:
+                merged[key] = record
+        save_state(state_dir, node, merged)

@@ -72,6 +72,12 @@ class FedsimStrategy(Strategy):
         """Continue from :meth:`state_dict` output (resume)."""
         self.state = state["server"]
 
+    def first_round(self, params: Named) -> int:
+        """The first round to run: 0 when an algorithm has a stage before round 1, else 1."""
+        if self.state is None:
+            self.state = self.server.init(params)
+        return self.server.first_round(self.state)
+
     # ----------------------------------------------------------------- train
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> list[Message]:
@@ -86,9 +92,14 @@ class FedsimStrategy(Strategy):
         self._exp = Expectation(server_round, node_of, dict(enumerate(self.fed.client_sizes)),
                                 REPLY_SIZE_FACTOR * model_bytes + (1 << 20), plan.model_spec, plan.group_specs,
                                 plan.plugin_of, TRAIN_METRICS)
-        extra = {name: to_record(group) for name, group in plan.arrays.items()}
-        return [self._message(MessageType.TRAIN, {MODEL_RECORD: arrays, **extra},
-                              {**dict(config), **plan.scalars}, server_round, cid, node_of[cid]) for cid in cids]
+        shared = {name: to_record(group) for name, group in plan.arrays.items()}
+        msgs = []
+        for cid in cids:
+            own = self.server.client_downlink(self.state, plan, cid)
+            records = {MODEL_RECORD: arrays, **shared, **{k: to_record(v) for k, v in own.arrays.items()}}
+            msgs.append(self._message(MessageType.TRAIN, records, {**dict(config), **plan.scalars, **own.scalars},
+                                      server_round, cid, node_of[cid]))
+        return msgs
 
     @staticmethod
     def _message(mtype: str, records: dict, scalars: dict, server_round: int, cid: int, node: int) -> Message:

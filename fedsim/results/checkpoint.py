@@ -26,12 +26,12 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fedsim.runtime.files import atomic_write_bytes
+from fedsim.runtime.files import atomic_write_bytes, fsync_dir, fsync_files
 
 if TYPE_CHECKING:  # torch and safetensors are imported lazily: reports need neither.
     import torch
 
-__all__ = ["checkpoint_path", "iter_intact", "load_checkpoint", "restore_client_state", "round_checkpoints", "save_checkpoint",
+__all__ = ["checkpoint_path", "iter_intact", "load_checkpoint", "prune_checkpoints", "restore_client_state", "round_checkpoints", "save_checkpoint",
            "snapshot_client_state", "snapshot_path"]
 
 
@@ -73,6 +73,8 @@ def save_checkpoint(
     path: str | Path,
     tensors: dict[str, torch.Tensor],
     metadata: dict[str, str] | None = None,
+    *,
+    durable: bool = False,
 ) -> None:
     """Saves tensors and string metadata to a safetensors file, atomically.
 
@@ -81,13 +83,14 @@ def save_checkpoint(
         tensors: Name -> tensor. Tensors are detached, moved to CPU and made
             contiguous; tensors sharing storage (tied weights) are copied.
         metadata: Optional str -> str header entries.
+        durable: Flush the file to disk before returning (round checkpoints).
 
     Raises:
         TypeError: If a value is not a dense tensor or metadata is not str -> str.
     """
     from safetensors.torch import save
 
-    atomic_write_bytes(path, save(_prepare_tensors(tensors), metadata=_check_metadata(metadata)))
+    atomic_write_bytes(path, save(_prepare_tensors(tensors), metadata=_check_metadata(metadata)), durable=durable)
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -140,9 +143,11 @@ def snapshot_client_state(state_dir: str | Path, dest: str | Path) -> None:
             for f in sorted(state_dir.iterdir()):
                 if f.is_file() and not f.name.startswith("."):
                     shutil.copy2(f, tmp / f.name)
+        fsync_files(tmp)
         if dest.exists():
             shutil.rmtree(dest)
         os.replace(tmp, dest)
+        fsync_dir(dest.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -157,6 +162,16 @@ def restore_client_state(snapshot: str | Path, state_dir: str | Path) -> None:
         shutil.rmtree(state_dir)
     shutil.copytree(snapshot, state_dir)
     os.chmod(state_dir, 0o700)
+
+
+def prune_checkpoints(run_dir: str | Path, keep: int) -> list[Path]:
+    """Delete all but the ``keep`` newest round checkpoints (and their snapshots); 0 keeps all."""
+    removed = []
+    for old in round_checkpoints(run_dir)[keep:] if keep > 0 else []:
+        old.unlink(missing_ok=True)
+        shutil.rmtree(snapshot_path(old), ignore_errors=True)
+        removed.append(old)
+    return removed
 
 
 def iter_intact(run_dir: str | Path) -> Iterator[tuple[Path, dict, dict[str, str]] | tuple[Path, Exception]]:

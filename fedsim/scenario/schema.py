@@ -252,8 +252,13 @@ class EngineConfig(Section):
 
 
 class OutputConfig(Section):
+    """Where results go. ``checkpoint_every``: a round checkpoint every N rounds (0: none);
+    ``keep_checkpoints``: how many of the newest to keep (0: all). Each one holds the server state
+    and a copy of the client state (for stateful clients, about one model per client)."""
+
     dir: str | None = None
     checkpoint_every: Annotated[int, Field(ge=0)] = 0
+    keep_checkpoints: Annotated[int, Field(ge=0)] = 0
 
 
 # ----------------------------------------------------------------------- scenario

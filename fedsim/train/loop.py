@@ -1,7 +1,7 @@
 """The standard local training loop: a :class:`~fedsim.core.client.LocalRun` driven with the hooks
 of every algorithm active on the client.
 
-Per batch: ``zero_grad``; ``loss = loss_fn(model(x), y)`` plus every hook's ``loss_term``;
+Per batch: ``zero_grad``; ``loss = loss_fn(run.forward(x), y)`` plus every hook's ``loss_term``;
 ``backward``; ``before_step`` hooks; ``optimizer.step()``; ``after_step`` hooks (told whether the
 step was an Opacus virtual step, which is not a step); then the learning rate of the next step
 is ``run.lr`` (``base_lr`` times the hooks' factors), written into the optimizer's param groups
@@ -43,6 +43,8 @@ def train_local(run: LocalRun, rounds: Sequence[ClientRound] = ()) -> dict[str, 
         run.optimizer = run.make_optimizer(list(run.trainable().values()), run.lr)
     for r in rounds:
         r.prepare(run)
+    if run.wrapped is not None:
+        run.wrapped.train()
     lr, total, count = run.lr, 0.0, 0
     for epoch in run.batches.epochs():
         first = True
@@ -53,7 +55,7 @@ def train_local(run: LocalRun, rounds: Sequence[ClientRound] = ()) -> dict[str, 
                 first = False
             opt = run.optimizer
             opt.zero_grad(set_to_none=True)
-            loss = run.loss_fn(run.model(xb), yb)
+            loss = run.loss_fn(run.forward(xb), yb)
             for r in rounds:
                 term = r.loss_term(run)
                 if term is not None:
@@ -72,7 +74,6 @@ def train_local(run: LocalRun, rounds: Sequence[ClientRound] = ()) -> dict[str, 
                     group["lr"] = lr
             total += float(loss.detach())
             count += 1
-            run.batches_seen += 1
     if run.device.type == "cuda":
         torch.cuda.synchronize(run.device)
     return {"train_loss": total / max(count, 1), "steps": run.steps, "compute_s": time.perf_counter() - start}

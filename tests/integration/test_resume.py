@@ -103,3 +103,10 @@ def test_checkpoint_holds_the_server_state_tree_and_a_private_client_snapshot(tm
     snap = tmp_path / "r" / "checkpoints" / "round-00002.client_state"
     assert snap.is_dir() and snap.stat().st_mode & 0o777 == 0o700
     assert path.stat().st_mode & 0o777 == 0o644 and (tmp_path / "r" / "model.safetensors").stat().st_mode & 0o777 == 0o644
+
+
+def test_keep_checkpoints_prunes_old_ones_with_their_snapshots(tmp_path, scenario):
+    assert _run(scenario, tmp_path / "r", "--set", "output.keep_checkpoints=2") == 0
+    names = sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir())
+    assert names == ["round-00003.client_state", "round-00003.safetensors", "round-00004.client_state",
+                     "round-00004.safetensors"]

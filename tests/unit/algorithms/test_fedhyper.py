@@ -20,7 +20,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from fedsim.algorithms.fedhyper import (
-    VARIANTS, FedHyperClient, PreviousUpdate, auto_beta_lg, canonical_defaults, decay_server, fedexp_lr, fedexp_server,
+    VARIANTS, FedHyperClient, PreviousUpdate, auto_beta_lg, decay_server, fedexp_lr, fedexp_server,
     fedhyper_server, reference_preset)
 from fedsim.algorithms.optimizers import fedavg
 from fedsim.core.arrays import apply_updates, mean_update, select
@@ -432,32 +432,21 @@ def test_argument_errors():
 
 
 def test_reference_preset_values():
-    """preset: reference = canonical + uniform weighting, unclipped SL, Adam 0.01 (a drifted preset)."""
-    ref, can = reference_preset(), canonical_defaults()
-    assert ref["weighting"] == "uniform" and ref["sl_state_clip"] is False and "variant" not in ref
-    assert ref["local"] == {"optimizer": "adam", "lr": 0.01, "weight_decay": 0.0}
-    assert (ref["alpha_bounds"], ref["gm_bounds"], ref["gm_momentum"]) == ((0.2, 5.0), (-0.2, 4.0), 0.9)
-    changed = {"weighting", "sl_state_clip", "local"}
-    assert {k: v for k, v in ref.items() if k not in changed} == {k: v for k, v in can.items() if k not in changed | {"variant"}}
-    sched = LrSchedule(preset="reference")
-    assert sched.weighting == "uniform" and sched.sl_state_clip is False
+    """preset: reference = the canonical defaults except uniform weighting, unclipped SL and Adam at
+    0.01 (a drifted preset, or a schema that applies other overrides than the pure API states)."""
+    ref = reference_preset()
+    assert ref == {"weighting": "uniform", "sl_state_clip": False,
+                   "local": {"optimizer": "adam", "lr": 0.01, "weight_decay": 0.0}}
+    sched, canonical = LrSchedule(preset="reference"), LrSchedule()
+    assert (sched.weighting, sched.sl_state_clip) == (ref["weighting"], ref["sl_state_clip"])
+    assert {k: getattr(sched, k) for k in LrSchedule.model_fields if k not in ("preset", "weighting", "sl_state_clip")} \
+        == {k: getattr(canonical, k) for k in LrSchedule.model_fields if k not in ("preset", "weighting", "sl_state_clip")}
     assert LrSchedule(preset="reference", sl_state_clip=True).sl_state_clip is True     # explicit keys win
-    opt = fedhyper_server("sl", **_server_kwargs(ref))
-    assert "sl_acc" in opt.init({"w": np.zeros(1)})
-    cl = FedHyperClient(0.01, None, [torch.nn.Parameter(torch.zeros(1))], **_client_kwargs(ref), clients_per_round=10)
-    assert (cl.beta_l, cl.beta_lg, cl.factor_cap, cl.bounds) == (1.0, 0.01, 1.1, (0.1, 10.0))
+    assert "sl_acc" in fedhyper_server("sl", sl_state_clip=ref["sl_state_clip"]).init({"w": np.zeros(1)})
 
 
 SERVER_KEYS = ("alpha0", "beta_g", "alpha_bounds", "gm_bounds", "gm_momentum", "beta_sl", "sl_bounds", "sl_state_clip")
 CLIENT_KEYS = {"beta_l": "beta_l", "beta_lg": "beta_lg", "cl_factor_cap": "factor_cap", "cl_bounds": "bounds"}
-
-
-def _server_kwargs(settings):
-    return {k: settings[k] for k in SERVER_KEYS}
-
-
-def _client_kwargs(settings):
-    return {arg: settings[key] for key, arg in CLIENT_KEYS.items()}
 
 
 def _defaults(fn) -> dict:
@@ -469,15 +458,15 @@ def _norm(v):
 
 
 def test_defaults_live_in_one_place():
-    """Schema defaults == canonical_defaults() == keyword defaults of the server/client code (drift such
-    as FedHyperClient defaulting beta_lg to 0.01 while the schema says auto)."""
-    schema, can = LrSchedule(), canonical_defaults()
-    assert {k: _norm(getattr(schema, k)) for k in can} == {k: _norm(v) for k, v in can.items()}
+    """The scenario schema's defaults == the keyword defaults of the pure server/client code (drift
+    such as FedHyperClient defaulting beta_lg to 0.01 while the schema says auto)."""
+    schema = LrSchedule()
     server = _defaults(fedhyper_server)
-    assert {k: _norm(server[k]) for k in SERVER_KEYS} == {k: _norm(can[k]) for k in SERVER_KEYS}
+    assert {k: _norm(server[k]) for k in SERVER_KEYS} == {k: _norm(getattr(schema, k)) for k in SERVER_KEYS}
     client = _defaults(FedHyperClient.__init__)
     assert {arg: _norm(client[arg]) for arg in CLIENT_KEYS.values()} == \
-        {arg: _norm(can[key]) for key, arg in CLIENT_KEYS.items()}
+        {arg: _norm(getattr(schema, key)) for key, arg in CLIENT_KEYS.items()}
+    assert _defaults(fedhyper_server)["alpha0"] == schema.alpha0 and schema.variant == "g+cl"
     decay, fedexp = _defaults(decay_server), _defaults(fedexp_server)
     assert (decay["alpha0"], decay["rate"], fedexp["eps"]) == (schema.alpha0, schema.decay_rate, schema.fedexp_eps)
 
@@ -500,7 +489,8 @@ def test_h3_anti_windup(variant, key, hi):
 
 def test_h3_reference_sl_winds_up():
     """H3 (ref): the reference SL accumulator winds up: one opposite step keeps lambda at the bound."""
-    opt, x, v = fedhyper_server("sl", **_server_kwargs(reference_preset())), {"w": np.zeros(3)}, np.array([1.0, 2.0, 2.0])
+    opt = fedhyper_server("sl", sl_state_clip=reference_preset()["sl_state_clip"])
+    x, v = {"w": np.zeros(3)}, np.array([1.0, 2.0, 2.0])
     s = opt.init(x)
     for _ in range(50):
         x, s = step(opt, x, {"w": v}, s)

@@ -14,20 +14,26 @@ class Dice(ClientPlugin):
     private = frozenset({"error"})
 
 
-def test_private_state_bytes_anywhere_in_the_reply_are_refused():
-    """Catches an error buffer leaked under another name, in a group or as the model upload."""
-    e = np.linspace(1, 2, 6, dtype=np.float32).reshape(2, 3)
-    for result in (ClientResult(arrays={"up": {"w": e.copy()}}), ClientResult(model={"w": e.copy()})):
-        with pytest.raises(PrivateDataError, match="private state 'error'"):
-            check_private(Dice(), {"error": e, "public": np.zeros(2)}, result)
+def test_private_state_anywhere_in_the_reply_is_refused():
+    """Catches an error buffer leaked under another name, in any group, cast to float32, reshaped,
+    held as a dict of named tensors, or only alive during the round."""
+    e = np.linspace(1, 2, 6, dtype=np.float64).reshape(2, 3)
+    leaks = [{"dice.up/w": e.copy()}, {"arrays/w": e.astype(np.float32)}, {"other.g/x": e.ravel().copy()}]
+    for outgoing in leaks:
+        with pytest.raises(PrivateDataError, match="private state 'error"):
+            check_private(Dice(), {"error": e, "public": np.zeros(2)}, {}, outgoing, [])
+        with pytest.raises(PrivateDataError, match="private state 'error/w'"):
+            check_private(Dice(), {"error": {"w": e}}, {}, outgoing, [])
+        with pytest.raises(PrivateDataError, match="private round 'buffer'"):
+            check_private(Dice(), None, {"buffer": e}, outgoing, [])
 
 
 def test_private_names_are_refused_and_other_data_passes():
     e = np.ones(3, np.float32)
-    with pytest.raises(PrivateDataError, match="named after its private state"):
-        check_private(Dice(), {"error": e}, ClientResult(metrics={"error": 1.0}))
-    check_private(Dice(), {"error": e}, ClientResult(arrays={"up": {"w": 2 * e}}, metrics={"steps": 3}))
-    check_private(Dice(), {"error": np.zeros(3)}, ClientResult(arrays={"up": {"w": np.zeros(3)}}))  # zeros carry nothing
+    with pytest.raises(PrivateDataError, match="named after its private data 'error'"):
+        check_private(Dice(), {"error": e}, {}, {}, ["error"])
+    check_private(Dice(), {"error": e}, {}, {"dice.up/w": 2 * e}, ["steps"])
+    check_private(Dice(), {"error": np.zeros(3)}, {}, {"dice.up/w": np.zeros(3)}, [])      # zeros carry nothing
 
 
 def test_the_client_handler_refuses_to_send_private_state(tmp_path, tiny_yaml, monkeypatch):
@@ -109,6 +115,9 @@ def test_a_claimed_phase_end_to_end_through_the_real_client_handler(tmp_path, ti
 
     class ExploreClient(ClientPlugin):
         name = "explore"
+
+        def takes_part(self, phase):
+            return True
 
         def begin(self, run, downlink, state):
             return ExploreRound(run.phase)

@@ -180,3 +180,68 @@ def test_the_phase_owner_chooses_who_takes_part_through_the_strategy(tiny_yaml):
     assert all(m.content["config"]["phase"] == "explore" for m in msgs)
     msgs = strategy.configure_train(2, to_record(fed.initial_arrays()), ConfigRecord(), Nodes())
     assert [m.content["config"]["client-id"] for m in msgs] == fed.sample_clients(2)
+
+
+class Pruner(ServerPlugin):
+    """Keeps entry (0, 1) of ``w`` at exactly 0; sends its mask only to clients that have not seen it."""
+
+    name = "pruner"
+
+    def init(self, params):
+        return {"seen": []}
+
+    def mask(self, state):
+        return {"w": np.array([[True, False], [True, True]])}
+
+    def downlink_client(self, state, server_round, cid):
+        return Payload({"mask": {"w": self.mask(state)["w"]}}) if cid not in state["seen"] else Payload()
+
+    def aggregate(self, state, result):
+        return PluginUpdate({"seen": sorted(set(state["seen"]) | {r.cid for r in result.replies})})
+
+
+def test_mask_keeps_pruned_entries_and_momentum_at_zero():
+    """Catches a server step (or FedAvgM's buffer) that revives pruned entries (AutoFLIP's A5)."""
+    from fedsim.algorithms.optimizers import fedavgm
+
+    server = Server(fedavgm(1.0, 0.9), [Pruner()])
+    state = server.init(X)
+    x = X
+    for rnd in (1, 2):
+        plan = server.plan(state, rnd, x)
+        replies = [ClientUpdate(0, 1.0, {"w": np.full((2, 2), 5, np.float32), "b": np.ones(2, np.float32)})]
+        x, state, _ = server.aggregate(state, plan, x, replies)
+        assert x["w"][0, 1] == 0.0 and x["w"][0, 0] != 0.0
+        assert state["optimizer"][0]["w"][0, 1] == 0.0 and state["optimizer"][0]["w"][0, 0] != 0.0
+    from fedsim.core import Transform
+
+    drift = Transform(lambda p: None, lambda u, s, p, i: ({k: v + 1.0 for k, v in u.items()}, s))   # not linear
+    server = Server(drift, [Pruner()])
+    state = server.init(X)
+    x, _, _ = server.aggregate(state, server.plan(state, 1, X), X, [ClientUpdate(0, 1.0, dict(X))])
+    assert x["w"].tolist() == [[1.0, 0.0], [1.0, 1.0]]
+
+
+def test_per_client_downlink_and_non_participants_of_a_phase():
+    """downlink_client reaches only its client; a plugin that does not take part in a claimed phase
+    contributes nothing to that round (catches SCAFFOLD expecting delta_c from explorers)."""
+    server = Server(identity(), [Explorer(), Pruner()])
+    state = server.init(X)
+    plan = server.plan(state, 1, X)                 # explore: the pruner does not take part
+    assert plan.plugins == ["explorer"] and server.client_downlink(state, plan, 0).arrays == {}
+    plan = server.plan(state, 2, X)
+    assert plan.plugins == ["explorer", "pruner"]
+    assert list(server.client_downlink(state, plan, 0).arrays) == ["pruner.mask"]
+    _, state, _ = server.aggregate(state, plan, X, [ClientUpdate(0, 1.0, dict(X))])
+    assert server.client_downlink(state, server.plan(state, 3, X), 0).arrays == {}      # seen: not sent again
+    assert list(server.client_downlink(state, server.plan(state, 3, X), 1).arrays) == ["pruner.mask"]
+
+
+def test_a_round_zero_claim_runs_before_round_one():
+    class Before(Explorer):
+        def phase(self, state, server_round):
+            return "explore" if server_round == 0 else None
+
+    server = Server(identity(), [Before()])
+    assert server.first_round(server.init(X)) == 0 and Server(identity(), [Explorer()]).first_round({"plugins": {
+        "explorer": None}}) == 1
