@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -33,7 +34,8 @@ from fedsim.core.client import ClientPlugin
 from fedsim.core.server import Server, ServerPlugin
 from fedsim.core.transforms import Transform
 from fedsim.federation import Federation
-from fedsim.scenario import Scenario
+from fedsim.privacy import calibrate, plugins as privacy
+from fedsim.scenario import Scenario, ScenarioError
 
 
 @dataclass
@@ -137,11 +139,77 @@ def _fedhyper(cfg: Any, fed: Federation) -> Parts:
     return parts
 
 
+# ----------------------------------------------------------------- privacy.unit
+
+CALIBRATION = ("max_participation: sigma is calibrated to the target over steps = (local steps per round) x "
+               "federation.rounds, the most a client could take part in, so the target holds for any participation")
+
+
+def _check_delta(cfg: Any, fed: Federation, population: bool) -> None:
+    """delta must be below 1/|D_k| (record level: every client; client level: 1/N)."""
+    if population:
+        if cfg.delta >= 1.0 / fed.num_clients:
+            raise ScenarioError(f"scenario '{fed.scenario.name}'", [
+                f"privacy.delta: {cfg.delta} must be below 1/N = {1.0 / fed.num_clients:.3g} for client-level DP "
+                f"over {fed.num_clients} clients; lower it"])
+        return
+    smallest = min(range(fed.num_clients), key=lambda c: fed.client_sizes[c])
+    n = fed.client_sizes[smallest]
+    if cfg.delta >= 1.0 / n:
+        raise ScenarioError(f"scenario '{fed.scenario.name}'", [
+            f"privacy.delta: {cfg.delta} must be below 1/|D_k| = {1.0 / n:.3g} for the smallest client (client "
+            f"{smallest} has {n} examples); lower it, e.g. to {10 ** math.floor(math.log10(0.1 / n)):g}"])
+
+
+def _calibration(cfg: Any, fed: Federation) -> dict:
+    return {"rule": cfg.calibration, "assumption": CALIBRATION, "target_epsilon": cfg.epsilon, "delta": cfg.delta,
+            "accountant": cfg.accountant, "rounds": fed.scenario.federation.rounds,
+            "explicit_noise_multiplier": cfg.noise_multiplier}
+
+
+@register("privacy", "example")
+def _record_level(cfg: Any, fed: Federation) -> Parts:
+    _check_delta(cfg, fed, population=False)
+    local = fed.scenario.federation.local
+    sigma = cfg.noise_multiplier if cfg.noise_multiplier is not None or cfg.epsilon is not None else 1.0
+    client = privacy.RecordLevelClient(
+        "privacy", mechanism=cfg.mechanism, clip=cfg.clip, noise_multiplier=sigma, target_epsilon=cfg.epsilon,
+        delta=cfg.delta, accountant=cfg.accountant, batch_size=local.batch_size, epochs=local.epochs,
+        steps=local.steps, rounds=fed.scenario.federation.rounds, error_clip_ratio=cfg.error_clip_ratio,
+        kappa=None if cfg.noise_inflation == "sqrt(1+2r)" else float(cfg.noise_inflation),
+        persist_error=cfg.persist_error, lr_divide_by_c1=cfg.lr_divide_by_c1,
+        grad_sample_mode="hooks" if cfg.grad_sample_mode == "auto" else cfg.grad_sample_mode,
+        physical_batch_size=cfg.physical_batch_size)
+    mirror = privacy.LedgerMirror("privacy", unit="example", mechanism=cfg.mechanism, delta=cfg.delta,
+                                  target_epsilon=cfg.epsilon, accountant=cfg.accountant,
+                                  calibration=_calibration(cfg, fed))
+    notes = [f"privacy.error_clip_ratio {cfg.error_clip_ratio} < 1: DiceSGD's analysis takes C2 >= C1"] \
+        if cfg.mechanism == "dicesgd" and cfg.error_clip_ratio < 1 else []
+    return Parts(server_plugins=[mirror], client_plugins=[client], notes=notes)
+
+
+@register("privacy", "client")
+def _client_level(cfg: Any, fed: Federation) -> Parts:
+    _check_delta(cfg, fed, population=True)
+    rounds, q = fed.scenario.federation.rounds, fed.cohort_size / fed.num_clients
+    sigma = cfg.noise_multiplier if cfg.noise_multiplier is not None else \
+        (calibrate(cfg.epsilon, cfg.delta, q, rounds, cfg.accountant) if cfg.epsilon is not None else 1.0)
+    return Parts(server_plugins=[privacy.ClientLevelServer(
+        "privacy", clip=cfg.clip, noise_multiplier=sigma, cohort=fed.cohort_size, num_clients=fed.num_clients,
+        seed=fed.scenario.seed, delta=cfg.delta, target_epsilon=cfg.epsilon, accountant=cfg.accountant,
+        calibration={**_calibration(cfg, fed), "noise_multiplier": sigma, "sample_rate": q})])
+
+
 # ----------------------------------------------------------------- assembly
 
 
 def _parts(scenario: Scenario, fed: Federation) -> list[Parts]:
-    out = [REGISTRY[("strategy", scenario.strategy.name)](scenario.strategy, fed)]
+    """Privacy first (its client side privatizes before the other plugins' hooks), then the strategy,
+    then the learning-rate schedule."""
+    out = []
+    if scenario.privacy is not None:
+        out.append(REGISTRY[("privacy", scenario.privacy.unit)](scenario.privacy, fed))
+    out.append(REGISTRY[("strategy", scenario.strategy.name)](scenario.strategy, fed))
     if scenario.lr_schedule is not None:
         out.append(REGISTRY[("lr_schedule", scenario.lr_schedule.kind)](scenario.lr_schedule, fed))
     return out

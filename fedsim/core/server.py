@@ -22,7 +22,10 @@ plus a list of :class:`ServerPlugin` s. A plugin overrides only the hooks its al
 - ``aggregate(state, result)``: after the model step, update its state from the accepted
   replies, optionally replace the new global arrays (FedSVD's re-factorisation) and say whether
   the parameter basis changed (every client then sees a new ``basis-id``);
-- ``metrics(state)``: numbers for ``metrics.jsonl``.
+- ``combine(state, round, params, replies, weights)``: replace the weighted mean of the client
+  updates by another aggregate (client-level DP: clipped sum plus noise over a fixed denominator);
+- ``metrics(state)``: numbers for ``metrics.jsonl``; ``files(state)``: JSON documents for the run
+  directory (``privacy.json``), rewritten after every round.
 
 Everything here is pure numpy: no Flower, no YAML. The Flower strategy
 (:mod:`fedsim.flower.strategy`) moves a :class:`RoundPlan` into messages and replies back into
@@ -199,8 +202,17 @@ class ServerPlugin:
         """Fold the round's accepted replies into the state (and optionally the global arrays)."""
         return PluginUpdate(state)
 
+    def combine(self, state: Any, server_round: int, params: Named, replies: Sequence["ClientUpdate"],
+                weights: Sequence[float]) -> Named | None:
+        """The round's aggregate update ``delta`` instead of the weighted mean (None: the mean)."""
+        return None
+
     def metrics(self, state: Any) -> dict[str, float]:
         """Numbers for the round's row in ``metrics.jsonl``."""
+        return {}
+
+    def files(self, state: Any) -> dict[str, Any]:
+        """JSON documents (``file name -> data``) to keep in the run directory, rewritten every round."""
         return {}
 
 
@@ -331,7 +343,7 @@ class Server:
             weights = [1.0] * len(replies) if self.uniform_weights else [r.weight for r in replies]
             models = [r.model for r in replies]
             mask = self._mask(state)
-            delta = zero_masked(mean_update(params, models, weights), mask)
+            delta = zero_masked(self._combine(state, plan, params, replies, weights), mask)
             step, opt_state = self.optimizer.update(delta, opt_state, params,
                                                     RoundInfo(plan.server_round, models, weights, mask))
             new_params = apply_updates(params, zero_masked(step, mask))
@@ -348,6 +360,21 @@ class Server:
             basis_id += int(upd.basis_changed)
         new_state = {"basis_id": basis_id, "optimizer": opt_state, "plugins": plugin_states}
         return new_params, new_state, self.metrics(new_state)
+
+    def _combine(self, state: dict, plan: RoundPlan, params: Named, replies: Sequence[ClientUpdate],
+                 weights: list[float]) -> Named:
+        combined = [(p.name, d) for p in self.plugins if p.name in plan.plugins
+                    and (d := p.combine(state["plugins"][p.name], plan.server_round, params, replies, weights)) is not None]
+        if len(combined) > 1:
+            raise ValueError(f"several plugins replace the aggregation: {[n for n, _ in combined]}")
+        return combined[0][1] if combined else mean_update(params, [r.model for r in replies], weights)
+
+    def files(self, state: dict) -> dict[str, Any]:
+        """Every plugin's documents for the run directory."""
+        out: dict[str, Any] = {}
+        for p in self.plugins:
+            out.update(p.files(state["plugins"][p.name]))
+        return out
 
     def metrics(self, state: dict) -> dict[str, float]:
         """The optimizer's and the plugins' read-outs of ``state``."""

@@ -109,6 +109,8 @@ class ServerLoop:
                 for client_row in outcome.clients:
                     clients.write(client_row)
                 rows.append(row)
+                for name, doc in self.strategy.files().items():
+                    write_json(self.out / name, doc)
                 bar.update(rnd, row)
                 if not row["clients"]:
                     bar.note(f"[yellow]round {rnd}: no client reply was accepted[/yellow] "

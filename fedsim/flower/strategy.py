@@ -72,6 +72,10 @@ class FedsimStrategy(Strategy):
         """Continue from :meth:`state_dict` output (resume)."""
         self.state = state["server"]
 
+    def files(self) -> dict:
+        """The algorithms' documents for the run directory (``privacy.json`` ...)."""
+        return self.server.files(self.state) if self.state is not None else {}
+
     def first_round(self, params: Named) -> int:
         """The first round to run: 0 when an algorithm has a stage before round 1, else 1."""
         if self.state is None:
@@ -124,7 +128,7 @@ class FedsimStrategy(Strategy):
         start = time.perf_counter()
         updates = [ClientUpdate(r.cid, r.weight, r.model, r.groups, _numbers(r.metrics)) for r in ok]
         new, self.state, server_metrics = self.server.aggregate(self.state, self._plan, self._params, updates)
-        return RoundOutcome(new if ok else None, {**_train_metrics(ok, bad), **server_metrics},
+        return RoundOutcome(new if ok else None, {**_train_metrics(ok, bad, server_metrics), **server_metrics},
                             [(r.cid, r.reason) for r in bad], [_client_row(server_round, r) for r in ok],
                             sum(r.nbytes for r in results), time.perf_counter() - start)
 
@@ -170,15 +174,18 @@ def _numbers(metrics: dict) -> dict[str, float]:
     return {k: v for k, v in metrics.items() if is_number(v)}
 
 
-def _train_metrics(ok: list[Accepted], bad: list[Rejected]) -> dict[str, Any]:
+def _train_metrics(ok: list[Accepted], bad: list[Rejected], server: dict[str, Any]) -> dict[str, Any]:
     """The round's client-side numbers: example-weighted train loss, compute time, and every other
-    finite numeric metric the clients reported, as ``_mean``, ``_min`` and ``_max``."""
+    finite numeric metric the clients reported, as ``_mean``, ``_min`` and ``_max`` — unless the
+    server reports ``<name>_max`` or ``<name>_mean`` itself (it aggregates that metric over every
+    client, not only this round's: a privacy mirror's ε)."""
     weights = np.array([r.weight for r in ok], dtype=np.float64)
     losses = np.array([float(r.metrics["train_loss"]) for r in ok], dtype=np.float64)
     out: dict[str, Any] = {"clients": len(ok), "rejected": len(bad),
                            "train_loss": float((weights * losses).sum() / weights.sum()) if ok else float("nan"),
                            "client_compute_s": float(sum(float(r.metrics["compute_s"]) for r in ok))}
-    names = dict.fromkeys(k for r in ok for k, v in r.metrics.items() if k not in PROTOCOL_METRICS and is_number(v))
+    names = dict.fromkeys(k for r in ok for k, v in r.metrics.items() if k not in PROTOCOL_METRICS and is_number(v)
+                          and f"{k}_max" not in server and f"{k}_mean" not in server)
     for name in names:
         values = [r.metrics[name] for r in ok if is_number(r.metrics.get(name))]
         out.update({f"{name}_mean": float(np.mean(values)), f"{name}_min": min(values), f"{name}_max": max(values)})

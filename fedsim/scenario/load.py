@@ -21,7 +21,7 @@ from pydantic import BaseModel, ValidationError
 
 from fedsim.scenario.schema import UNION_TAGS, Scenario, check_schedule_strategy, either_or_message
 
-RESERVED_SECTIONS = ("privacy", "lora", "pruning")
+RESERVED_SECTIONS = ("lora", "pruning")
 
 
 class ScenarioError(ValueError):
@@ -226,6 +226,7 @@ def cross_check(raw: dict) -> list[str]:
         problem = check_schedule_strategy(schedule.get("kind", "fedhyper"), strategy.get("name", "fedavg"),
                                           strategy.get("server_lr", 1.0))
         problems += [problem] if problem else []
+    problems += _privacy_problems(raw.get("privacy"), model.get("name"), strategy.get("name", "fedavg"))
     if strategy.get("name") == "scaffold" and _section(fed, "local").get("optimizer", "sgd") != "sgd":
         problems.append("federation.local.optimizer: strategy 'scaffold' needs local SGD (its control variates "
                         "are built from SGD steps); set federation.local.optimizer: sgd")
@@ -233,6 +234,23 @@ def cross_check(raw: dict) -> list[str]:
     if isinstance(n, int) and isinstance(k, int) and not isinstance(k, bool) and 0 < n < k:
         problems.append(f"federation.clients_per_round: {k} is more than data.partition.num_clients ({n})")
     return problems
+
+
+def _privacy_problems(privacy: Any, model: Any, strategy: Any) -> list[str]:
+    """What does not combine with ``privacy`` in this version (each with the reason)."""
+    if not isinstance(privacy, dict):
+        return []
+    out = []
+    if model == "char_lstm" and privacy.get("unit", "example") == "example":
+        out.append("model.name: char_lstm cannot train under record-level privacy in this version (Opacus needs "
+                   "its DPLSTM layer for per-sample gradients of an LSTM); use mlp or cnn, or privacy.unit: client")
+    if strategy == "fedprox" and privacy.get("unit", "example") == "example":
+        out.append("strategy.name: fedprox's proximal term has no per-sample gradient, so record-level DP would drop "
+                   "it; use fedavg or scaffold with privacy")
+    if privacy.get("grad_sample_mode") == "functorch" and model == "cnn":
+        out.append("privacy.grad_sample_mode: functorch fails on the cnn's GroupNorm for empty Poisson batches; "
+                   "use auto or hooks")
+    return out
 
 
 def _section(node: Any, key: str) -> dict:

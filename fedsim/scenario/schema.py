@@ -1,8 +1,8 @@
 """The scenario schema: pydantic models for every section of a fedsim YAML file.
 
 This module knows the shape of a scenario; `fedsim.scenario.load` knows YAML.
-Sections reserved for later capabilities (``privacy``, ``lora``, ``pruning``) are accepted
-only when absent or null.
+Sections reserved for later capabilities (``lora``, ``pruning``) are accepted only when absent
+or null.
 """
 
 from __future__ import annotations
@@ -221,6 +221,47 @@ class LrSchedule(Section):
         return self.kind == "fedhyper" and self.variant.endswith("cl")
 
 
+# ------------------------------------------------------------------------ privacy
+class Privacy(Section):
+    """Differential privacy (specs/dicesgd.md). ``unit: example``: record-level DP-SGD or DiceSGD on
+    every client, with a cumulative per-client ledger; ``unit: client``: client-level DP (each
+    update clipped, Gaussian noise on the sum, a fixed public denominator).
+
+    Give ``epsilon`` (a target: σ is calibrated over the most rounds a client could take part in,
+    and clients stop at the target) and/or ``noise_multiplier`` (σ explicit; with both, ε is a
+    cap). Neither: σ = 1.0. ``delta`` must be below 1/|D_k| for every client (checked once the
+    data is loaded)."""
+
+    unit: Literal["example", "client"] = "example"
+    mechanism: Literal["dpsgd", "dicesgd"] = "dpsgd"
+    epsilon: PositiveFloat | None = None
+    delta: Annotated[float, Field(gt=0, lt=1)] = 1e-5
+    noise_multiplier: NonNegFloat | None = None
+    clip: PositiveFloat = 1.0
+    error_clip_ratio: NonNegFloat = 1.0
+    noise_inflation: Union[Literal["sqrt(1+2r)"], PositiveFloat] = "sqrt(1+2r)"
+    accountant: Literal["prv", "rdp"] = "prv"
+    grad_sample_mode: Literal["auto", "hooks", "functorch", "ghost"] = "auto"
+    sampling: Literal["poisson"] = "poisson"
+    persist_error: bool = False
+    lr_divide_by_c1: bool = True
+    physical_batch_size: PositiveInt | None = None
+    calibration: Literal["max_participation"] = "max_participation"
+
+    @model_validator(mode="after")
+    def _check(self) -> "Privacy":
+        if self.grad_sample_mode == "ghost":
+            raise ValueError("grad_sample_mode: ghost materialises no per-sample gradients, which DiceSGD's error "
+                             "feedback needs" if self.mechanism == "dicesgd" else
+                             "grad_sample_mode: ghost clipping is not available in this version; use auto or hooks")
+        if self.unit == "client" and self.mechanism == "dicesgd":
+            raise ValueError("mechanism: dicesgd is a record-level mechanism (its error feedback runs over "
+                             "per-sample gradients); unit: client takes mechanism: dpsgd")
+        if self.persist_error and self.mechanism != "dicesgd":
+            raise ValueError("persist_error: only DiceSGD has an error state to persist")
+        return self
+
+
 # ------------------------------------------------------------------ engine/output
 class EngineConfig(Section):
     """Where the server and the clients run. Keys of other kinds are accepted and ignored, so
@@ -274,7 +315,7 @@ class Scenario(Section):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     lr_schedule: LrSchedule | None = None
-    privacy: None = None
+    privacy: Privacy | None = None
     lora: None = None
     pruning: None = None
 

@@ -41,11 +41,16 @@ def train_local(run: LocalRun, rounds: Sequence[ClientRound] = ()) -> dict[str, 
     run.model.to(run.device).train()
     if run.optimizer is None:
         run.optimizer = run.make_optimizer(list(run.trainable().values()), run.lr)
+    lr = run.lr
     for r in rounds:
         r.prepare(run)
     if run.wrapped is not None:
         run.wrapped.train()
-    lr, total, count = run.lr, 0.0, 0
+    if run.lr != lr:                                  # a plugin scaled the learning rate in prepare
+        lr = run.lr
+        for group in run.optimizer.param_groups:
+            group["lr"] = lr
+    total, count = 0.0, 0
     for epoch in run.batches.epochs():
         first = True
         for xb, yb in epoch:
