@@ -183,8 +183,12 @@ def _record_level(cfg: Any, fed: Federation) -> Parts:
     mirror = privacy.LedgerMirror("privacy", unit="example", mechanism=cfg.mechanism, delta=cfg.delta,
                                   target_epsilon=cfg.epsilon, accountant=cfg.accountant,
                                   calibration=_calibration(cfg, fed))
-    notes = [f"privacy.error_clip_ratio {cfg.error_clip_ratio} < 1: DiceSGD's analysis takes C2 >= C1"] \
-        if cfg.mechanism == "dicesgd" and cfg.error_clip_ratio < 1 else []
+    notes = []
+    if cfg.mechanism == "dicesgd":
+        notes.append("privacy: the epsilon reported for DiceSGD is eps_dpsgd_equiv (DP-SGD's at sigma_base); it does "
+                     "not cover the error-feedback channel (privacy.json: epsilon_meaning)")
+        if cfg.error_clip_ratio < 1:
+            notes.append(f"privacy.error_clip_ratio {cfg.error_clip_ratio} < 1: DiceSGD's analysis takes C2 >= C1")
     return Parts(server_plugins=[mirror], client_plugins=[client], notes=notes)
 
 

@@ -269,7 +269,9 @@ class ServerLoop:
                                 engine=self.scn.engine.kind, wall_s=wall_s, aggregate_s=self.totals["aggregate_s"],
                                 fedsim_version=fedsim.__version__,
                                 extra={"partition_fingerprint": self.stats["fingerprint"],
-                                       "num_clients": self.fed.num_clients, "clients_per_round": self.fed.cohort_size})
+                                       "num_clients": self.fed.num_clients, "clients_per_round": self.fed.cohort_size,
+                                       **({"epsilon": eps[-1]} if (eps := [r["epsilon_max"] for r in rows
+                                                                          if r.get("epsilon_max") is not None]) else {})})
         write_json(self.out / "summary.json", summary)
         plot_run(self.out)
         return summary

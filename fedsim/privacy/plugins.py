@@ -147,6 +147,8 @@ class _RecordLevelRound(ClientRound):
                          error_basis=run.basis_id)
         metrics = {"epsilon": eps, "dp_noise_multiplier": self.sigma, "dp_sample_rate": self.q,
                    "dp_steps": run.steps, "dp_steps_total": self.ledger.steps}
+        if p.mechanism == "dicesgd":
+            metrics.update(dp_kappa=p.kappa)
         return ClientResult(metrics=metrics, state=state)
 
     def private(self) -> Mapping[str, Any]:
@@ -231,6 +233,18 @@ class RecordLevelClient(ClientPlugin):
         return _RecordLevelRound(self, sigma, q, ledger, error)
 
 
+MEANING = {
+    "dpsgd": "record-level (epsilon, delta) of the Poisson-subsampled Gaussian mechanism with per-sample clip C1, "
+             "composed over every step the client took",
+    "dicesgd": "eps_dpsgd_equiv: the DP-SGD epsilon at sigma_base, NOT a DiceSGD guarantee. It does not cover the "
+               "error-feedback channel (specs/dicesgd.md 2.2): the fed-back error carries unnoised clipped-away "
+               "residuals, and the audit in tests/dp/test_audit.py measures an empirical epsilon above it once the "
+               "error state carries an example's residual",
+    "gaussian": "client-level (epsilon, delta): a client's whole contribution is the unit, Poisson-style client "
+                "sampling at q = m/N, one Gaussian step per round",
+}
+
+
 class LedgerMirror(ServerPlugin):
     """The server's copy of every client's ledger, from the replies (σ, q, steps); writes
     ``privacy.json`` and reports ``epsilon_max`` / ``epsilon_mean`` over the clients that trained.
@@ -272,6 +286,7 @@ class LedgerMirror(ServerPlugin):
 
     def files(self, state: dict) -> dict[str, Any]:
         return {"privacy.json": {"unit": self.unit, "mechanism": self.mechanism, "accountant": self.accountant,
+                                 "epsilon_meaning": MEANING[self.mechanism],
                                  "delta": self.delta, "target_epsilon": self.target_epsilon,
                                  "calibration": self.calibration,
                                  "clients": dict(sorted(state["clients"].items(), key=lambda kv: int(kv[0])))}}
@@ -319,6 +334,7 @@ class ClientLevelServer(ServerPlugin):
 
     def files(self, state: dict) -> dict[str, Any]:
         return {"privacy.json": {"unit": "client", "mechanism": "gaussian", "accountant": self.accountant,
+                                 "epsilon_meaning": MEANING["gaussian"],
                                  "delta": self.delta, "target_epsilon": self.target_epsilon,
                                  "calibration": self.calibration,
                                  "clients": {"all": {"events": state["events"], "epsilon": state["epsilon"]}}}}

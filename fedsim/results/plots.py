@@ -121,7 +121,34 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         fig, ax = _new_axes(f"{name}: learning rate", "learning rate")
         _draw(ax, rows, lr_keys, [k.removeprefix("lr_") for k in lr_keys])
         written.append(_save(fig, ax, out / "lr.png"))
+    if _series(rows, "epsilon_max")[0]:
+        written.append(_privacy_plot(rows, name, out / "privacy.png"))
     return written
+
+
+def _privacy_plot(rows: list[Mapping[str, Any]], name: str, path: Path) -> Path:
+    """``privacy.png``: ε (max and mean over clients) vs round, and accuracy vs ε."""
+    fig = Figure(figsize=(_SIZE[0] * 2, _SIZE[1]), dpi=_DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    left, right = fig.subplots(1, 2)
+    left.set_title(f"{name}: privacy spent")
+    left.set_xlabel("round")
+    left.set_ylabel("epsilon")
+    left.xaxis.set_major_locator(MaxNLocator(integer=True))
+    _draw(left, rows, ["epsilon_max", "epsilon_mean"], ["max over clients", "mean over clients"])
+    left.legend()
+    right.set_title(f"{name}: accuracy vs epsilon")
+    right.set_xlabel("epsilon (max over clients)")
+    right.set_ylabel("accuracy")
+    pairs = [(r["epsilon_max"], r["eval_accuracy"]) for r in rows
+             if isinstance(r.get("epsilon_max"), (int, float)) and isinstance(r.get("eval_accuracy"), (int, float))]
+    if pairs:
+        right.plot(*zip(*pairs), marker="o", markersize=3)
+    for ax in (left, right):
+        ax.grid(True, alpha=0.3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
 
 
 def _labels(run_dirs: list[Path]) -> list[str]:

@@ -24,7 +24,7 @@ __all__ = ["compare_runs", "format_bytes", "render_table"]
 SUMMARY_NAME = "summary.json"
 _FIELDS = (
     "name", "engine", "final_accuracy", "best_accuracy", "best_round",
-    "rounds_completed", "wall_s", "bytes_up", "bytes_down",
+    "rounds_completed", "wall_s", "bytes_up", "bytes_down", "epsilon",
 )  # fmt: skip
 _MISSING = "-"
 
@@ -41,6 +41,7 @@ def _from_metrics(run_dir: Path) -> dict[str, Any]:
         "wall_s": max(wall, default=None),  # wall_s is cumulative
         "bytes_up": sum(r.get("bytes_up") or 0 for r in rows),
         "bytes_down": sum(r.get("bytes_down") or 0 for r in rows),
+        "epsilon": next((r["epsilon_max"] for r in reversed(rows) if r.get("epsilon_max") is not None), None),
     }
 
 
@@ -122,6 +123,7 @@ _COLUMNS = (  # (header, key, formatter, justify)
     ("wall", "wall_s", _seconds, "right"),
     ("up", "bytes_up", _bytes, "right"),
     ("down", "bytes_down", _bytes, "right"),
+    ("ε (max)", "epsilon", lambda v: _MISSING if v is None else f"{v:.3g}", "right"),
 )
 
 
@@ -132,9 +134,10 @@ def render_table(rows: list[Mapping[str, Any]]) -> Table:
     decimal; missing values as ``-``. Incomplete runs are dimmed.
     """
     table = Table(title="fedsim runs")
-    for header, _, _, justify in _COLUMNS:
+    columns = [c for c in _COLUMNS if c[1] != "epsilon" or any(r.get("epsilon") is not None for r in rows)]
+    for header, _, _, justify in columns:
         table.add_column(header, justify=justify)
     for row in rows:
-        cells = [fmt(row.get(key)) for _, key, fmt, _ in _COLUMNS]
+        cells = [fmt(row.get(key)) for _, key, fmt, _ in columns]
         table.add_row(*cells, style=None if row.get("status", "complete") == "complete" else "dim")
     return table
