@@ -1,4 +1,4 @@
-"""The ``fedsim`` command: ``run``, ``validate``, ``report`` and ``deploy``.
+"""The ``fedsim`` command: ``run``, ``validate``, ``report``, ``sweep`` and ``deploy``.
 
 Exit codes: 0 success, 1 the run failed, 2 bad input (scenario, flags, paths), 130 interrupted.
 """
@@ -16,6 +16,7 @@ from rich.console import Console
 
 from fedsim import __version__
 from fedsim.deploy.cli import add_deploy_parser, run_deploy
+from fedsim.sweep.cli import add_sweep_parser, run_sweep_command
 
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
@@ -42,6 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     rep.add_argument("--plot", default="comparison.png", help="where to write the comparison plot")
     rep.add_argument("--json", action="store_true", help="print the table as JSON")
+    add_sweep_parser(sub)
     add_deploy_parser(sub)
     return p
 
@@ -52,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(stderr=True, soft_wrap=True)   # never hard-wrap: messages carry commands and paths
     try:
         return {"run": _run, "validate": _validate, "report": _report,
-                "deploy": run_deploy}[args.command](args, console)
+                "sweep": run_sweep_command, "deploy": run_deploy}[args.command](args, console)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/yellow]")
         return EXIT_INTERRUPTED

@@ -48,6 +48,21 @@ def clipped_sum(per_sample: Mapping[str, torch.Tensor], clip: float) -> Tensors:
     return {k: torch.einsum("i,i...", factors.to(g.dtype), g) for k, g in per_sample.items()}
 
 
+def noise_std(noise_multiplier: float, clip: float, kappa: float = 1.0) -> float:
+    """The Gaussian noise std ``kappa * sigma * C`` (sum scale).
+
+    0 when ``sigma = 0``, also with ``C = inf`` (the no-privacy limit: ``0 * inf`` would be NaN);
+    a ValueError when it is negative or not finite (a NaN std would silently draw no noise).
+    """
+    if noise_multiplier == 0:
+        return 0.0
+    std = kappa * noise_multiplier * clip
+    if not (math.isfinite(std) and std >= 0):
+        raise ValueError(f"noise std kappa*sigma*C = {kappa}*{noise_multiplier}*{clip} = {std}: "
+                         "sigma, C and kappa must be finite and >= 0 when sigma > 0")
+    return std
+
+
 def gaussian(like: Mapping[str, torch.Tensor], std: float, generator: torch.Generator | None) -> Tensors:
     """Independent N(0, std^2) noise shaped like each tensor, drawn in order (as Opacus draws it)."""
     return {k: torch.normal(mean=0, std=std, size=v.shape, device=v.device, generator=generator, dtype=v.dtype)
@@ -58,7 +73,7 @@ def dpsgd_grad(per_sample: Mapping[str, torch.Tensor], *, clip: float, noise_mul
                expected_batch_size: int, generator: torch.Generator | None = None) -> Tensors:
     """DP-SGD's gradient ``(S_c + N(0, (sigma C)^2)) / n`` (DPSGD-GC: clipping biases it)."""
     s_c = clipped_sum(per_sample, clip)
-    noise = gaussian(s_c, noise_multiplier * clip, generator)
+    noise = gaussian(s_c, noise_std(noise_multiplier, clip), generator)
     return {k: (s_c[k] + noise[k]) / expected_batch_size for k in s_c}
 
 
@@ -90,8 +105,9 @@ def dicesgd_from_sums(s_c: Mapping[str, torch.Tensor], s_g: Mapping[str, torch.T
     n = expected_batch_size
     e = dict(error) if error is not None else {k: torch.zeros_like(v) for k, v in s_c.items()}
     fed_back = clip_error(e, error_clip)
-    kappa = noise_inflation(error_clip / clip) if kappa is None else kappa
-    noise = gaussian(s_c, kappa * noise_multiplier * clip, generator)
+    if kappa is None:
+        kappa = noise_inflation(error_clip / clip) if noise_multiplier else 1.0
+    noise = gaussian(s_c, noise_std(noise_multiplier, clip, kappa), generator)
     grad = {k: (s_c[k] + n * fed_back[k] + noise[k]) / n for k in s_c}
     new_error = {k: (e[k] - fed_back[k]) + (s_g[k] - s_c[k]) / n for k in s_c}
     return grad, new_error
@@ -123,6 +139,6 @@ def client_level_mean(updates: Sequence[Mapping[str, np.ndarray]], *, clip: floa
         factor = min(1.0, clip / (norm + 1e-12))
         for k in names:
             total[k] += factor * np.asarray(u[k], np.float64)
-    std = noise_multiplier * clip
+    std = noise_std(noise_multiplier, clip)
     return {k: (total[k] + (rng.normal(0.0, std, size=total[k].shape) if std > 0 else 0.0)) / denominator
             for k in names}

@@ -31,7 +31,7 @@ from typing import Callable, Optional
 import torch
 from opacus.optimizers import DPOptimizer
 
-from fedsim.privacy.mechanisms import dicesgd_from_sums, noise_inflation
+from fedsim.privacy.mechanisms import dicesgd_from_sums, noise_inflation, noise_std
 
 
 class PrivateOptimizer(DPOptimizer):
@@ -45,6 +45,19 @@ class PrivateOptimizer(DPOptimizer):
         """Clip, accumulate, noise and scale into ``p.grad`` now; False for a virtual (skipped) step."""
         self._privatized = bool(self.pre_step())
         return self._privatized
+
+    def add_noise(self) -> None:
+        """Opacus' ``add_noise`` with the std from :func:`~fedsim.privacy.mechanisms.noise_std`.
+
+        Opacus computes ``sigma * C`` directly, so ``sigma = 0`` with ``C = inf`` (the no-privacy
+        limit) gives a NaN std and torch raises; here that limit is plain SGD, and a NaN std from
+        anything else is a ValueError.
+        """
+        std = noise_std(self.noise_multiplier, self.max_grad_norm)
+        if std > 0:
+            return super().add_noise()
+        for p in self.params:
+            p.grad = p.summed_grad.view_as(p)
 
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
         if self._privatized is None:
