@@ -172,18 +172,23 @@ def _record_level(cfg: Any, fed: Federation) -> Parts:
     _check_delta(cfg, fed, population=False)
     local = fed.scenario.federation.local
     sigma = cfg.noise_multiplier if cfg.noise_multiplier is not None or cfg.epsilon is not None else 1.0
+    notes = []
+    mode, why = cfg.grad_sample_mode, "set in the scenario"
+    if mode == "auto":
+        mode, why = privacy.auto_grad_sample_mode(fed.client_model(), cfg.mechanism)
+        if mode == "ghost":
+            notes.append(f"privacy.grad_sample_mode auto -> ghost clipping: {why}")
     client = privacy.RecordLevelClient(
         "privacy", mechanism=cfg.mechanism, clip=cfg.clip, noise_multiplier=sigma, target_epsilon=cfg.epsilon,
         delta=cfg.delta, accountant=cfg.accountant, batch_size=local.batch_size, epochs=local.epochs,
         steps=local.steps, rounds=fed.scenario.federation.rounds, error_clip_ratio=cfg.error_clip_ratio,
         kappa=None if cfg.noise_inflation == "sqrt(1+2r)" else float(cfg.noise_inflation),
         persist_error=cfg.persist_error, lr_divide_by_c1=cfg.lr_divide_by_c1,
-        grad_sample_mode="hooks" if cfg.grad_sample_mode == "auto" else cfg.grad_sample_mode,
+        grad_sample_mode=mode,
         physical_batch_size=cfg.physical_batch_size)
     mirror = privacy.LedgerMirror("privacy", unit="example", mechanism=cfg.mechanism, delta=cfg.delta,
                                   target_epsilon=cfg.epsilon, accountant=cfg.accountant,
-                                  calibration=_calibration(cfg, fed))
-    notes = []
+                                  calibration=_calibration(cfg, fed), grad_sample_mode={"mode": mode, "why": why})
     if cfg.mechanism == "dicesgd":
         notes.append("privacy: the epsilon reported for DiceSGD is eps_dpsgd_equiv (DP-SGD's at sigma_base); it does "
                      "not cover the error-feedback channel (privacy.json: epsilon_meaning)")

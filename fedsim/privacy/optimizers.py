@@ -7,6 +7,10 @@ hooks that run after it (SCAFFOLD's correction, re-masking) post-process the pri
 instead of being overwritten by it. Without ``privatize``, ``step()`` behaves exactly as
 Opacus' ``DPOptimizer``.
 
+:class:`GhostPrivateOptimizer` is DP-SGD with Opacus' ghost clipping (per-sample gradient norms
+without per-sample gradients; for models dominated by large ``nn.Linear`` layers), with the same
+:meth:`~PrivateOptimizer.privatize`.
+
 :class:`DiceSGDOptimizer` keeps DiceSGD's error state ``e`` next to the parameters (never in
 ``state_dict()``, never sent): see :func:`fedsim.privacy.mechanisms.dicesgd_from_sums`.
 
@@ -26,16 +30,17 @@ References:
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
-from opacus.optimizers import DPOptimizer
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 
 from fedsim.privacy.mechanisms import dicesgd_from_sums, noise_inflation, noise_std
 
 
-class PrivateOptimizer(DPOptimizer):
-    """Opacus' ``DPOptimizer`` whose private gradient can be made (:meth:`privatize`) before ``step()``."""
+class _Privatize:
+    """What fedsim adds to an Opacus DP optimizer: :meth:`privatize` before ``step()``, and a noise
+    std that is 0 (not NaN) in the no-privacy limit σ = 0, C = ∞."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -45,6 +50,12 @@ class PrivateOptimizer(DPOptimizer):
         """Clip, accumulate, noise and scale into ``p.grad`` now; False for a virtual (skipped) step."""
         self._privatized = bool(self.pre_step())
         return self._privatized
+
+    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
+        if self._privatized is None:
+            return super().step(closure)
+        due, self._privatized = self._privatized, None
+        return self.original_optimizer.step() if due else None
 
     def add_noise(self) -> None:
         """Opacus' ``add_noise`` with the std from :func:`~fedsim.privacy.mechanisms.noise_std`.
@@ -59,11 +70,40 @@ class PrivateOptimizer(DPOptimizer):
         for p in self.params:
             p.grad = p.summed_grad.view_as(p)
 
-    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
-        if self._privatized is None:
-            return super().step(closure)
-        due, self._privatized = self._privatized, None
-        return self.original_optimizer.step() if due else None
+
+class PrivateOptimizer(_Privatize, DPOptimizer):
+    """Opacus' ``DPOptimizer`` whose private gradient can be made (:meth:`privatize`) before ``step()``."""
+
+
+class GhostPrivateOptimizer(_Privatize, DPOptimizerFastGradientClipping):
+    """DP-SGD with ghost clipping: Opacus' ``DPOptimizerFastGradientClipping`` with :meth:`privatize`.
+
+    Use it with ``GradSampleModuleFastGradientClipping`` and a loss from :func:`ghost_loss`: the
+    loss' ``backward()`` runs two passes (per-sample gradient norms, then the clipped sum), and no
+    per-sample gradient is materialised.
+    """
+
+
+def ghost_loss(module: torch.nn.Module, optimizer: GhostPrivateOptimizer,
+               loss_fn: Callable[..., torch.Tensor]) -> Callable[[torch.Tensor, torch.Tensor], Any]:
+    """``loss_fn(output, target, reduction=...)`` (e.g. ``F.cross_entropy``) for ghost clipping.
+
+    The returned loss is Opacus' ``DPTensorFastGradientClipping`` (``backward()``, ``detach()``,
+    ``+ scalar``); an empty Poisson batch gives a plain zero loss (its step still adds noise).
+    """
+    from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+
+    class _Criterion:
+        reduction = "mean"
+
+        def __call__(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            return loss_fn(output, target, reduction=self.reduction)
+
+    dp_loss = DPLossFastGradientClipping(module, optimizer, _Criterion(), loss_reduction="mean")
+
+    def loss(output: torch.Tensor, target: torch.Tensor) -> Any:
+        return dp_loss(output, target) if len(target) else output.sum() * 0.0
+    return loss
 
 
 class DiceSGDOptimizer(PrivateOptimizer):

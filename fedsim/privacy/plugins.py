@@ -3,7 +3,8 @@ server, and the server's mirror of every client's privacy ledger (``privacy.json
 
 Record level (``unit: example``), on the client (:class:`RecordLevelClient`):
 
-- the model is wrapped for per-sample gradients (Opacus ``GradSampleModule``, ``hooks`` mode);
+- the model is wrapped for per-sample gradients (Opacus ``GradSampleModule``, ``hooks`` or
+  ``functorch`` mode), or for ghost clipping (per-sample gradient norms only; DP-SGD);
 - batches are Poisson-sampled from the client's data, at rate ``q = 1 / ceil(|D_k| / B)``, with a
   generator derived from (seed, round, client);
 - the optimizer is :class:`~fedsim.privacy.optimizers.PrivateOptimizer` (DP-SGD) or
@@ -49,6 +50,30 @@ from fedsim.seeding import numpy_rng
 
 # Opacus' hooks fire on the first module, whose input needs no gradient: torch warns on every batch.
 warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
+
+
+GHOST_MIN_WEIGHTS = 50_000
+
+
+def auto_grad_sample_mode(model: torch.nn.Module, mechanism: str) -> tuple[str, str]:
+    """``grad_sample_mode: auto``: ``(mode, why)``.
+
+    Ghost clipping for DP-SGD when large ``nn.Linear`` layers (each >= 50k trainable weights) hold
+    most of the trainable weights: materialised per-sample gradients of such a layer (batch x
+    weights floats) made hooks 20-60x slower than plain SGD, ghost 2-4x (shared/notes/dp-tooling.md
+    section 2). Else ``hooks`` (also always for DiceSGD, whose error feedback needs the per-sample
+    gradients' sum before and after clipping, and for LoRA-style small trainable layers).
+    """
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    large = {name: m.weight.numel() for name, m in model.named_modules()
+             if isinstance(m, torch.nn.Linear) and m.weight.requires_grad and m.weight.numel() >= GHOST_MIN_WEIGHTS}
+    share = sum(large.values()) / max(trainable, 1)
+    if mechanism == "dpsgd" and large and share >= 0.5:
+        layers = ", ".join(f"{name} ({n} weights)" for name, n in sorted(large.items()))
+        return "ghost", f"large nn.Linear {layers}: {share:.0%} of the {trainable} trainable weights"
+    if mechanism != "dpsgd":
+        return "hooks", f"{mechanism} needs per-sample gradients"
+    return "hooks", f"no nn.Linear of >= {GHOST_MIN_WEIGHTS} weights holds most of the {trainable} trainable weights"
 
 
 class PrivacyBudgetExhausted(RuntimeError):
@@ -106,33 +131,42 @@ class _RecordLevelRound(ClientRound):
 
     def prepare(self, run: LocalRun) -> None:
         from opacus.data_loader import DPDataLoader
+        from opacus.grad_sample import GradSampleModuleFastGradientClipping
         from opacus.grad_sample.utils import prepare_module
 
-        from fedsim.privacy.optimizers import DiceSGDOptimizer, PrivateOptimizer
+        from fedsim.privacy.optimizers import DiceSGDOptimizer, GhostPrivateOptimizer, PrivateOptimizer, ghost_loss
 
         p = self.plugin
         x, y = run.data
         base = DataLoader(TensorDataset(torch.from_numpy(np.asarray(x)), torch.from_numpy(np.asarray(y))),
                           batch_size=p.batch_size)
         loader = DPDataLoader.from_data_loader(base, generator=run.generator("poisson"))
-        self.gsm = prepare_module(run.model, p.grad_sample_mode, batch_first=True, loss_reduction="mean")
-        run.wrapped = self.gsm
-        names = {param: name for name, param in run.trainable().items()}
         kwargs = dict(noise_multiplier=self.sigma, max_grad_norm=p.clip,
                       expected_batch_size=max(1, int(len(base.dataset) * loader.sample_rate)),
                       generator=run.generator("dp-noise"))
-        if p.mechanism == "dicesgd":
+        if p.grad_sample_mode == "ghost":
+            self.gsm = GradSampleModuleFastGradientClipping(run.model, batch_first=True, loss_reduction="mean",
+                                                            max_grad_norm=p.clip, use_ghost_clipping=True)
+        else:
+            self.gsm = prepare_module(run.model, p.grad_sample_mode, batch_first=True, loss_reduction="mean")
+        run.wrapped = self.gsm
+        names = {param: name for name, param in run.trainable().items()}
+        if p.grad_sample_mode == "ghost":
+            self.optimizer = GhostPrivateOptimizer(run.optimizer, **kwargs)
+            run.loss_fn = ghost_loss(self.gsm, self.optimizer, run.loss_fn)
+        elif p.mechanism == "dicesgd":
             self.optimizer = DiceSGDOptimizer(run.optimizer, error_clip=p.error_clip_ratio * p.clip, kappa=p.kappa,
                                               names=names, **kwargs)
             if self.error is not None:
                 self.optimizer.load_error_state({k: torch.from_numpy(np.asarray(v)) for k, v in self.error.items()})
-            if p.lr_divide_by_c1:
-                run.lr_factors[p.name] = 1.0 / p.clip
         else:
             self.optimizer = PrivateOptimizer(run.optimizer, **kwargs)
+        if p.lr_divide_by_c1:
+            run.lr_factors[p.name] = 1.0 / p.clip
+        if p.grad_sample_mode != "ghost":
+            run.loss_fn = _dp_loss(run.loss_fn)
         run.optimizer = self.optimizer
         run.batches = _PoissonBatches(run, loader, self.optimizer, p.epochs, p.steps, p.physical_batch_size)
-        run.loss_fn = _dp_loss(run.loss_fn)
 
     def before_step(self, run: LocalRun) -> None:
         self.optimizer.privatize()
@@ -174,9 +208,12 @@ class RecordLevelClient(ClientPlugin):
         accountant: ``prv`` or ``rdp``, for calibration, the budget and the reported ε.
         batch_size, epochs, steps, rounds: the local schedule (``steps`` or ``epochs`` per round)
             and the run length (calibration assumes the client could take part in every round).
-        error_clip_ratio, kappa, persist_error, lr_divide_by_c1: DiceSGD's settings (``kappa``, the
-            noise inflation, defaults to ``sqrt(1 + 2 r)``).
-        grad_sample_mode: Opacus' per-sample gradient mode.
+        error_clip_ratio, kappa, persist_error: DiceSGD's settings (``kappa``, the noise inflation,
+            defaults to ``sqrt(1 + 2 r)``).
+        lr_divide_by_c1: train at lr / C1 (either mechanism); None: DiceSGD yes (its reference
+            scripts), DP-SGD no.
+        grad_sample_mode: Opacus' per-sample gradient mode, ``hooks``, ``functorch`` or ``ghost``
+            (DP-SGD only; see :func:`auto_grad_sample_mode`).
         physical_batch_size: split Poisson batches into physical batches of this size.
     """
 
@@ -186,7 +223,7 @@ class RecordLevelClient(ClientPlugin):
     def __init__(self, name: str, *, mechanism: str, clip: float, noise_multiplier: float | None,
                  target_epsilon: float | None, delta: float, accountant: str, batch_size: int, epochs: int | None,
                  steps: int | None, rounds: int, error_clip_ratio: float = 1.0, kappa: float | None = None,
-                 persist_error: bool = False, lr_divide_by_c1: bool = True, grad_sample_mode: str = "hooks",
+                 persist_error: bool = False, lr_divide_by_c1: bool | None = None, grad_sample_mode: str = "hooks",
                  physical_batch_size: int | None = None):
         self.name, self.mechanism, self.clip = name, mechanism, float(clip)
         self.noise_multiplier, self.target_epsilon, self.delta = noise_multiplier, target_epsilon, float(delta)
@@ -194,7 +231,8 @@ class RecordLevelClient(ClientPlugin):
         self.rounds, self.error_clip_ratio, self.persist_error = int(rounds), float(error_clip_ratio), persist_error
         self.kappa = kappa if kappa is not None else \
             (noise_inflation(self.error_clip_ratio) if mechanism == "dicesgd" else 1.0)
-        self.lr_divide_by_c1, self.grad_sample_mode = lr_divide_by_c1, grad_sample_mode
+        self.lr_divide_by_c1 = (mechanism == "dicesgd") if lr_divide_by_c1 is None else bool(lr_divide_by_c1)
+        self.grad_sample_mode = grad_sample_mode
         self.physical_batch_size = physical_batch_size
 
     def takes_part(self, phase: str) -> bool:
@@ -247,7 +285,7 @@ MEANING = {
 
 class LedgerMirror(ServerPlugin):
     """The server's copy of every client's ledger, from the replies (σ, q, steps); writes
-    ``privacy.json`` and reports ``epsilon_max`` / ``epsilon_mean`` over the clients that trained.
+    ``privacy.json`` (with the per-sample gradient mode used and why) and reports ``epsilon_max`` / ``epsilon_mean`` over the clients that trained.
 
     A client's σ and q are fixed for the run, so its ledger is determined by its total steps: a
     round whose reply was lost or rejected is recovered from the next reply's ``dp_steps_total``.
@@ -255,9 +293,10 @@ class LedgerMirror(ServerPlugin):
     """
 
     def __init__(self, name: str, *, unit: str, mechanism: str, delta: float, target_epsilon: float | None,
-                 accountant: str, calibration: Mapping[str, Any]):
+                 accountant: str, calibration: Mapping[str, Any], grad_sample_mode: Mapping[str, str] | None = None):
         self.name, self.unit, self.mechanism, self.delta = name, unit, mechanism, float(delta)
         self.target_epsilon, self.accountant, self.calibration = target_epsilon, accountant, dict(calibration)
+        self.grad_sample_mode = dict(grad_sample_mode) if grad_sample_mode else None
 
     def init(self, params: Named) -> dict:
         return {"clients": {}}
@@ -289,6 +328,7 @@ class LedgerMirror(ServerPlugin):
                                  "epsilon_meaning": MEANING[self.mechanism],
                                  "delta": self.delta, "target_epsilon": self.target_epsilon,
                                  "calibration": self.calibration,
+                                 **({"grad_sample_mode": self.grad_sample_mode} if self.grad_sample_mode else {}),
                                  "clients": dict(sorted(state["clients"].items(), key=lambda kv: int(kv[0])))}}
 
 

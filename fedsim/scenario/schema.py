@@ -244,16 +244,15 @@ class Privacy(Section):
     grad_sample_mode: Literal["auto", "hooks", "functorch", "ghost"] = "auto"
     sampling: Literal["poisson"] = "poisson"
     persist_error: bool = False
-    lr_divide_by_c1: bool = True
+    lr_divide_by_c1: bool | None = None        # None: true for dicesgd (the reference scripts), false for dpsgd
     physical_batch_size: PositiveInt | None = None
     calibration: Literal["max_participation"] = "max_participation"
 
     @model_validator(mode="after")
     def _check(self) -> "Privacy":
-        if self.grad_sample_mode == "ghost":
+        if self.grad_sample_mode == "ghost" and self.mechanism == "dicesgd":
             raise ValueError("grad_sample_mode: ghost materialises no per-sample gradients, which DiceSGD's error "
-                             "feedback needs" if self.mechanism == "dicesgd" else
-                             "grad_sample_mode: ghost clipping is not available in this version; use auto or hooks")
+                             "feedback needs; use auto or hooks")
         if self.unit == "client" and self.mechanism == "dicesgd":
             raise ValueError("mechanism: dicesgd is a record-level mechanism (its error feedback runs over "
                              "per-sample gradients); unit: client takes mechanism: dpsgd")

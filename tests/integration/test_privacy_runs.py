@@ -181,6 +181,48 @@ def test_dp_on_workers_matches_inprocess(tmp_path):
     assert json.loads((a / "privacy.json").read_text())["clients"] == json.loads((b / "privacy.json").read_text())["clients"]
 
 
+WIDE_MLP = "model: {name: mlp, options: {hidden: [800]}}\n"      # 64 x 800 = 51,200 weights in one Linear
+
+
+def test_ghost_clipping_trains_the_model_hooks_trains(tmp_path):
+    """Ghost clipping (chosen by auto for a model dominated by a large Linear) gives the model that
+    hooks' materialised per-sample gradients give, noise included (same draws, same order).
+
+    Catches ghost clipping at another C (max_grad_norm not passed to the module), no noise or
+    noise at another scale on the ghost path, the loss wrapper's second (clipped) pass skipped,
+    an empty Poisson batch breaking it, and auto never picking ghost."""
+    dp = "{noise_multiplier: 0.8, clip: 0.3, accountant: rdp}"
+    base = BASE.replace("model: {name: mlp, options: {hidden: [16]}}\n", WIDE_MLP)
+    runs = {}
+    for mode in ("auto", "hooks"):
+        out = tmp_path / mode
+        run_scenario(parse_scenario(base + f"privacy: {dp[:-1]}, grad_sample_mode: {mode}}}\n"), out, progress="none")
+        runs[mode] = out
+    doc = json.loads((runs["auto"] / "privacy.json").read_text())
+    assert doc["grad_sample_mode"]["mode"] == "ghost" and "51200" in doc["grad_sample_mode"]["why"]
+    assert json.loads((runs["hooks"] / "privacy.json").read_text())["grad_sample_mode"]["mode"] == "hooks"
+    ghost, hooks = (load_file(str(runs[m] / "model.safetensors")) for m in ("auto", "hooks"))
+    assert set(ghost) == set(hooks)
+    for k in ghost:
+        np.testing.assert_allclose(ghost[k], hooks[k], rtol=0, atol=2e-5, err_msg=k)
+    assert doc["clients"] == json.loads((runs["hooks"] / "privacy.json").read_text())["clients"]
+
+
+def test_auto_grad_sample_mode():
+    """Catches auto choosing ghost for DiceSGD (which needs per-sample gradients) or for a model
+    whose large layers are not most of the trainable weights (the quickstart CNN, LoRA-style B)."""
+    from fedsim.models import build_model
+    from fedsim.privacy.plugins import auto_grad_sample_mode
+
+    wide = build_model("mlp", input_shape=(1, 28, 28), num_classes=10, hidden=[128])
+    assert auto_grad_sample_mode(wide, "dpsgd")[0] == "ghost"
+    assert auto_grad_sample_mode(wide, "dicesgd")[0] == "hooks"
+    assert auto_grad_sample_mode(build_model("cnn", input_shape=(1, 8, 8), num_classes=10), "dpsgd")[0] == "hooks"
+    frozen = build_model("mlp", input_shape=(1, 28, 28), num_classes=10, hidden=[128])
+    frozen.net[1].weight.requires_grad_(False)
+    assert auto_grad_sample_mode(frozen, "dpsgd")[0] == "hooks"
+
+
 def test_delta_must_be_below_one_over_the_smallest_client(tmp_path):
     with pytest.raises(ScenarioError, match=r"privacy.delta: 0.1 must be below 1/\|D_k\| = .* for the smallest client"):
         _run(tmp_path, "d", "{delta: 0.1}")
