@@ -209,18 +209,86 @@ def _client_level(cfg: Any, fed: Federation) -> Parts:
         calibration={**_calibration(cfg, fed), "noise_multiplier": sigma, "sample_rate": q})])
 
 
+# ----------------------------------------------------------------- pruning.kind
+
+
+def _explorers(cfg: Any, fed: Federation) -> list[int]:
+    """round(p_e K) explorers (at least 1), or ``explorers``, uniform from the seed's "explore" stream."""
+    from fedsim.seeding import numpy_rng
+
+    fraction = cfg.explorer_fraction if cfg.explorer_fraction is not None else 1.0
+    count = cfg.explorers if cfg.explorers is not None else max(1, round(fraction * fed.num_clients))
+    if count > fed.num_clients:
+        raise ScenarioError(f"scenario '{fed.scenario.name}'", [
+            f"pruning.explorers: {count} is more than the {fed.num_clients} clients"])
+    rng = numpy_rng(fed.scenario.seed, "explore")
+    return sorted(int(c) for c in rng.choice(fed.num_clients, size=count, replace=False))
+
+
+@register("pruning", "autoflip")
+@register("pruning", "random")
+def _pruning(cfg: Any, fed: Federation) -> Parts:
+    from fedsim.algorithms import autoflip, autoflip_plugins
+    from fedsim.seeding import numpy_rng
+    from fedsim.train.flops import forward_macs
+
+    arrays, trainable = fed.initial_arrays(), fed.trainable_names()
+    shapes = {k: tuple(v.shape) for k, v in arrays.items()}
+    model = fed.client_model()
+    unit_map = model.unit_map() if hasattr(model, "unit_map") else None
+    structured = cfg.structured_sparsity if cfg.structured_sparsity is not None else \
+        (0.2 if cfg.kind == "autoflip" and unit_map else 0.0)
+    notes = []
+    if cfg.kind == "autoflip" and cfg.structured_sparsity is None and not unit_map:
+        notes.append(f"pruning: model '{fed.scenario.model.name}' declares no unit map, so the mask is "
+                     "unstructured only (structured_sparsity 0)")
+    if structured > 0 and not unit_map:
+        raise ScenarioError(f"scenario '{fed.scenario.name}'", [
+            f"pruning.structured_sparsity: model '{fed.scenario.model.name}' declares no unit map (its structured "
+            "units); set structured_sparsity: 0"])
+    mask_shapes = {k: shapes[k] for k in trainable}
+    selection = dict(sparsity=cfg.sparsity, maskable=cfg.maskable, exclude=tuple(cfg.exclude))
+
+    def build_mask(guidance):
+        return autoflip.hybrid_mask(guidance, mask_shapes, structured_sparsity=structured, unit_map=unit_map,
+                                    selection=cfg.selection, **selection)
+
+    def random_mask():
+        return autoflip.random_mask(mask_shapes, rng=numpy_rng(fed.scenario.seed, "random-mask"), **selection)
+
+    input_shape = fed.dataset.input_shape
+
+    def macs(mask, structured_mask):
+        return {"dense": sum(forward_macs(model, input_shape).values()),
+                "theoretical": sum(forward_macs(model, input_shape, mask).values()),
+                "structured": sum(forward_macs(model, input_shape, structured_mask).values())}
+
+    server = autoflip_plugins.PruningServer(
+        "pruning", kind=cfg.kind, shapes=shapes, dtypes={k: v.dtype for k, v in arrays.items()}, trainable=trainable,
+        mask_names=trainable, build_mask=build_mask, random_mask=random_mask,
+        explorers=_explorers(cfg, fed) if cfg.kind == "autoflip" else [], normalization=cfg.normalization,
+        weighting=cfg.explore_weighting, macs=macs)
+    client = autoflip_plugins.PruningClient(
+        "pruning", mask_shapes=mask_shapes, explore_epochs=cfg.explore_epochs, patience=cfg.patience,
+        warmup_epochs=cfg.warmup_epochs, explore_optimizer=cfg.explore_optimizer, explore_lr=cfg.explore_lr,
+        explore_batch_size=cfg.explore_batch_size)
+    return Parts(server_plugins=[server], client_plugins=[client], notes=notes)
+
+
 # ----------------------------------------------------------------- assembly
 
 
 def _parts(scenario: Scenario, fed: Federation) -> list[Parts]:
     """Privacy first (its client side privatizes before the other plugins' hooks), then the strategy,
-    then the learning-rate schedule."""
+    then the learning-rate schedule, then pruning."""
     out = []
     if scenario.privacy is not None:
         out.append(REGISTRY[("privacy", scenario.privacy.unit)](scenario.privacy, fed))
     out.append(REGISTRY[("strategy", scenario.strategy.name)](scenario.strategy, fed))
     if scenario.lr_schedule is not None:
         out.append(REGISTRY[("lr_schedule", scenario.lr_schedule.kind)](scenario.lr_schedule, fed))
+    if scenario.pruning is not None:          # last: its gradient mask sees every other hook's edits
+        out.append(REGISTRY[("pruning", scenario.pruning.kind)](scenario.pruning, fed))
     return out
 
 

@@ -6,7 +6,8 @@ is an iterator of epochs, each an iterable of ``(x, y)`` batches, so a Poisson `
 a ``BatchMemoryManager`` fits. :func:`fedsim.train.run_local` drives the run with the hooks of
 every algorithm active on the client. An algorithm's client side is a :class:`ClientPlugin`. Each
 round it ``begin`` s a :class:`ClientRound` from the round's downlink and its saved client state.
-The hooks, in the order the loop calls them:
+The hooks, in the order the loop calls them (``ClientPlugin.decode_model`` comes first, before the
+global model is loaded, for a model that came down sparse):
 
 - ``prepare(run)`` before the first step: may wrap the model (``run.wrapped``, e.g. Opacus'
   ``GradSampleModule``), replace ``run.optimizer`` or ``run.batches``;
@@ -209,6 +210,11 @@ class ClientPlugin:
     def takes_part(self, phase: str) -> bool:
         """Whether this plugin runs in rounds of ``phase`` (default: ordinary training rounds)."""
         return phase == TRAIN
+
+    def decode_model(self, model: Named, downlink: Payload, state: Any) -> Named:
+        """The dense global model from what came down (the server's ``downlink_model``): e.g. the
+        kept entries of a mask scattered back. Called before the model is loaded; default: as is."""
+        return model
 
     def begin(self, run: LocalRun, downlink: Payload, state: Any) -> ClientRound:
         """Start this plugin's round. ``downlink`` is its part of the message, ``state`` what its

@@ -13,6 +13,8 @@ plus a list of :class:`ServerPlugin` s. A plugin overrides only the hooks its al
 - ``downlink(state, round)``: what goes down to every sampled client besides the model — extra
   arrays (CL's previous update, SCAFFOLD's ``c``) and scalars (a mask id);
   ``downlink_client(state, round, cid)``: what only one client gets (a mask it has not seen);
+- ``downlink_model(state, phase, model_specs)``: how the model travels down (dense, or only the
+  kept entries of a mask the client holds: sparse communication);
 - ``uplink(state, phase, model_specs)``: what a valid reply must contain — which model arrays
   come back and how (dense, or only the kept entries of a mask: :class:`ArraySpec`), and the
   plugin's own arrays (SCAFFOLD's ``delta_c``);
@@ -25,7 +27,8 @@ plus a list of :class:`ServerPlugin` s. A plugin overrides only the hooks its al
 - ``combine(state, round, params, replies, weights)``: replace the weighted mean of the client
   updates by another aggregate (client-level DP: clipped sum plus noise over a fixed denominator);
 - ``metrics(state)``: numbers for ``metrics.jsonl``; ``files(state)``: JSON documents for the run
-  directory (``privacy.json``), rewritten after every round.
+  directory (``privacy.json``), rewritten after every round; ``summary(state, rows)``: keys for
+  ``summary.json`` (AutoFLIP's FLOPs and bytes ratios).
 
 Everything here is pure numpy: no Flower, no YAML. The Flower strategy
 (:mod:`fedsim.flower.strategy`) moves a :class:`RoundPlan` into messages and replies back into
@@ -192,6 +195,11 @@ class ServerPlugin:
         """Per array name, a bool array: False entries stay exactly 0 (None: no mask)."""
         return None
 
+    def downlink_model(self, state: Any, phase: str, model_specs: dict[str, ArraySpec]) -> dict[str, ArraySpec]:
+        """How the global model travels down (given: what earlier plugins chose): dense, or only
+        the kept entries of a mask the client already holds (its client side decodes them)."""
+        return model_specs
+
     def uplink(self, state: Any, phase: str,
                model_specs: dict[str, ArraySpec]) -> tuple[dict[str, ArraySpec], dict[str, dict[str, ArraySpec]]]:
         """What a reply must contain: the model arrays (given: what earlier plugins expect) and
@@ -215,6 +223,10 @@ class ServerPlugin:
         """JSON documents (``file name -> data``) to keep in the run directory, rewritten every round."""
         return {}
 
+    def summary(self, state: Any, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        """Keys for ``summary.json`` at the end of the run (``rows``: the rounds' ``metrics.jsonl`` rows)."""
+        return {}
+
 
 @dataclass
 class RoundPlan:
@@ -229,6 +241,11 @@ class RoundPlan:
     plugin_of: dict[str, tuple[str, str]]          # message record name -> (plugin, group)
     cohort: list[int] | None = None                # the phase owner's choice of clients (None: sample)
     plugins: list[str] = field(default_factory=list)   # the plugins taking part in this round
+    down_spec: dict[str, ArraySpec] = field(default_factory=dict)   # how the model travels down (dense if absent)
+
+    def encode_model(self, params: Named) -> Named:
+        """The model as it travels down this round (:attr:`down_spec`: kept entries only where sparse)."""
+        return {k: self.down_spec[k].encode(v) if k in self.down_spec else v for k, v in params.items()}
 
 
 def _merge(scalars: dict, arrays: dict, plugin: str, payload: Payload) -> None:
@@ -304,6 +321,7 @@ class Server:
         for p in self._taking_part(phase, owner):
             pstate = state["plugins"][p.name]
             _merge(plan.scalars, plan.arrays, p.name, p.downlink(pstate, server_round))
+            plan.down_spec = p.downlink_model(pstate, phase, plan.down_spec)
             plan.model_spec, groups = p.uplink(pstate, phase, plan.model_spec)
             for g, spec in groups.items():
                 plan.group_specs[record_name(p.name, g)] = spec
@@ -374,6 +392,16 @@ class Server:
         out: dict[str, Any] = {}
         for p in self.plugins:
             out.update(p.files(state["plugins"][p.name]))
+        return out
+
+    def summary(self, state: dict, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        """Every plugin's keys for ``summary.json`` (a key claimed twice is an error)."""
+        out: dict[str, Any] = {}
+        for p in self.plugins:
+            mine = p.summary(state["plugins"][p.name], rows)
+            if set(mine) & set(out):
+                raise ValueError(f"plugin '{p.name}' reports summary keys {sorted(set(mine) & set(out))} twice")
+            out.update(mine)
         return out
 
     def metrics(self, state: dict) -> dict[str, float]:

@@ -53,9 +53,12 @@ def _plugins(scn: Scenario, fed: Federation) -> list[ClientPlugin]:
     return cached[1]
 
 
-def _load_global(msg: Message, fed: Federation) -> torch.nn.Module:
+def _load_global(msg: Message, fed: Federation, decode=None) -> torch.nn.Module:
+    """The client model holding the message's global weights (``decode``: the plugins' decoding of a
+    model that came down sparse)."""
     model = fed.client_model()
-    state = {k: torch.from_numpy(v) for k, v in from_record(msg.content[MODEL_RECORD]).items()}
+    arrays = from_record(msg.content[MODEL_RECORD])
+    state = {k: torch.from_numpy(v) for k, v in (decode(arrays) if decode else arrays).items()}
     model.load_state_dict(state, strict=True)
     return model
 
@@ -67,17 +70,23 @@ def handle_train(msg: Message, context: Context) -> Message:
     cfg = dict(msg.content[CONFIG_RECORD])
     rnd, cid, device = int(cfg["server-round"]), int(cfg["client-id"]), default_device()
     local = scn.federation.local
-    model = _load_global(msg, fed).to(device)
+    phase = str(cfg.get("phase", "train"))
+    plugins = [p for p in _plugins(scn, fed) if p.takes_part(phase)]
+    payloads = [plugin_payload(msg.content, cfg, p.name) for p in plugins]
+    states = [load_client_state(context.state, cid, p.name) for p in plugins]
+
+    def decode(arrays):
+        for p, payload, state in zip(plugins, payloads, states):
+            arrays = p.decode_model(arrays, payload, state)
+        return arrays
+    model = _load_global(msg, fed, decode).to(device)
     x, y = fed.client_data(cid)
     run = LocalRun(model, ShuffledBatches(x, y, batch_size=local.batch_size, epochs=local.epochs, steps=local.steps,
                                           generator=torch_generator(scn.seed, "train", rnd, cid), device=device),
                    lambda params, lr: make_optimizer(params, local.optimizer, lr, local.momentum, local.weight_decay),
                    F.cross_entropy, base_lr=float(cfg["lr"]), device=device, data=(x, y), seed=scn.seed,
-                   server_round=rnd, client_id=cid, phase=str(cfg.get("phase", "train")),
-                   basis_id=int(cfg.get("basis-id", 0)))
-    plugins = [p for p in _plugins(scn, fed) if p.takes_part(run.phase)]
-    rounds = [p.begin(run, plugin_payload(msg.content, cfg, p.name), load_client_state(context.state, cid, p.name))
-              for p in plugins]
+                   server_round=rnd, client_id=cid, phase=phase, basis_id=int(cfg.get("basis-id", 0)))
+    rounds = [p.begin(run, payload, state) for p, payload, state in zip(plugins, payloads, states)]
     try:
         with torch_rng(scn.seed, "train-rng", rnd, cid, device=device):   # dropout & co.: (seed, round, client)
             out = run_local(run, rounds)

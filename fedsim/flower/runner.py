@@ -134,6 +134,9 @@ class ServerLoop:
             arrays = outcome.arrays
         self.totals["aggregate_s"] += outcome.aggregate_s
         row: dict[str, Any] = {"round": rnd, **outcome.metrics, "bytes_down": bytes_down, "bytes_up": outcome.bytes_up}
+        if st.sparse_saved_down or outcome.sparse_saved_up:      # what the same messages would weigh dense
+            row.update(bytes_down_dense=bytes_down + st.sparse_saved_down * len(msgs),
+                       bytes_up_dense=outcome.bytes_up + outcome.sparse_saved_up)
         row.update(self._client_eval(grid, rnd, arrays))
         row.update(self._server_eval(rnd, arrays))
         if outcome.rejected:
@@ -271,7 +274,8 @@ class ServerLoop:
                                 extra={"partition_fingerprint": self.stats["fingerprint"],
                                        "num_clients": self.fed.num_clients, "clients_per_round": self.fed.cohort_size,
                                        **({"epsilon": eps[-1]} if (eps := [r["epsilon_max"] for r in rows
-                                                                          if r.get("epsilon_max") is not None]) else {})})
+                                                                          if r.get("epsilon_max") is not None]) else {}),
+                                       **self.strategy.run_summary(rows)})
         write_json(self.out / "summary.json", summary)
         plot_run(self.out)
         return summary

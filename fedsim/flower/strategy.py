@@ -51,6 +51,7 @@ class RoundOutcome:
     clients: list[dict[str, Any]] = field(default_factory=list)
     bytes_up: int = 0
     aggregate_s: float = 0.0
+    sparse_saved_up: int = 0        # array bytes the accepted replies' sparse model arrays did not carry
 
 
 class FedsimStrategy(Strategy):
@@ -62,6 +63,7 @@ class FedsimStrategy(Strategy):
         self._plan: RoundPlan | None = None
         self._exp: Expectation | None = None
         self._params: Named = {}
+        self.sparse_saved_down = 0      # array bytes per TRAIN message the sparse model downlink did not carry
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict:
@@ -75,6 +77,10 @@ class FedsimStrategy(Strategy):
     def files(self) -> dict:
         """The algorithms' documents for the run directory (``privacy.json`` ...)."""
         return self.server.files(self.state) if self.state is not None else {}
+
+    def run_summary(self, rows: list[dict]) -> dict:
+        """The algorithms' keys for ``summary.json`` (``summary`` is Flower's logging hook)."""
+        return self.server.summary(self.state, rows) if self.state is not None else {}
 
     def first_round(self, params: Named) -> int:
         """The first round to run: 0 when an algorithm has a stage before round 1, else 1."""
@@ -97,10 +103,16 @@ class FedsimStrategy(Strategy):
                                 REPLY_SIZE_FACTOR * model_bytes + (1 << 20), plan.model_spec, plan.group_specs,
                                 plan.plugin_of, TRAIN_METRICS)
         shared = {name: to_record(group) for name, group in plan.arrays.items()}
+        model = arrays
+        self.sparse_saved_down = 0
+        if plan.down_spec:
+            encoded = plan.encode_model(self._params)
+            model = to_record(encoded)
+            self.sparse_saved_down = model_bytes - sum(v.nbytes for v in encoded.values())
         msgs = []
         for cid in cids:
             own = self.server.client_downlink(self.state, plan, cid)
-            records = {MODEL_RECORD: arrays, **shared, **{k: to_record(v) for k, v in own.arrays.items()}}
+            records = {MODEL_RECORD: model, **shared, **{k: to_record(v) for k, v in own.arrays.items()}}
             msgs.append(self._message(MessageType.TRAIN, records, {**dict(config), **plan.scalars, **own.scalars},
                                       server_round, cid, node_of[cid]))
         return msgs
@@ -128,9 +140,12 @@ class FedsimStrategy(Strategy):
         start = time.perf_counter()
         updates = [ClientUpdate(r.cid, r.weight, r.model, r.groups, _numbers(r.metrics)) for r in ok]
         new, self.state, server_metrics = self.server.aggregate(self.state, self._plan, self._params, updates)
+        spec = self._plan.model_spec
+        saved = sum(int(np.prod(spec[k].shape) - np.prod(spec[k].wire_shape)) * spec[k].dtype.itemsize
+                    for k in spec if spec[k].kept is not None)
         return RoundOutcome(new if ok else None, {**_train_metrics(ok, bad, server_metrics), **server_metrics},
                             [(r.cid, r.reason) for r in bad], [_client_row(server_round, r) for r in ok],
-                            sum(r.nbytes for r in results), time.perf_counter() - start)
+                            sum(r.nbytes for r in results), time.perf_counter() - start, saved * len(ok))
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:

@@ -11,6 +11,8 @@ import math
 import torch
 from torch import nn
 
+from fedsim.models.units import Slice, UnitLayer, neurons
+
 
 class MLP(nn.Module):
     """A multi-layer perceptron over flattened inputs.
@@ -31,6 +33,17 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+    def unit_map(self) -> tuple[UnitLayer, ...]:
+        """Every hidden neuron (never the output layer); fan-out: the next Linear's input columns.
+
+        Example:
+            >>> [(u.name, u.units) for u in MLP((4,), 3, hidden=(8, 5)).unit_map()]
+            [('net.1', 8), ('net.3', 5)]
+        """
+        linears = [(i, m) for i, m in enumerate(self.net) if isinstance(m, nn.Linear)]
+        return tuple(neurons(f"net.{i}", m.out_features, [Slice(f"net.{j}.weight", 1)], bias=m.bias is not None)
+                     for (i, m), (j, _) in zip(linears[:-1], linears[1:]))
 
 
 def _groups(channels: int) -> int:
@@ -65,6 +78,31 @@ class CNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
 
+    def unit_map(self) -> tuple[UnitLayer, ...]:
+        """Every conv output channel (fan-in: its filter, bias and GroupNorm entries; fan-out: the
+        next conv's input channel, or after the last block the head's input columns of the channel's
+        ``h*w`` block, flattened as C, H, W) and every hidden neuron of the head (never the output).
+
+        Example:
+            >>> [(u.name, u.units, u.fan_out[0].block) for u in CNN((1, 8, 8), 10).unit_map()]
+            [('features.0', 16, 1), ('features.4', 32, 4), ('head.1', 64, 1)]
+        """
+        mods = list(self.features)
+        convs = [(i, m) for i, m in enumerate(mods) if isinstance(m, nn.Conv2d)]
+        linears = [(i, m) for i, m in enumerate(self.head) if isinstance(m, nn.Linear)]
+        first, last = linears[0], convs[-1][1]
+        layers = []
+        for k, (i, conv) in enumerate(convs):
+            if k + 1 < len(convs):
+                fan_out = [Slice(f"features.{convs[k + 1][0]}.weight", 1)]
+            else:
+                fan_out = [Slice(f"head.{first[0]}.weight", 1, block=first[1].in_features // last.out_channels)]
+            norm = f"features.{i + 1}" if i + 1 < len(mods) and isinstance(mods[i + 1], nn.GroupNorm) else None
+            layers.append(neurons(f"features.{i}", conv.out_channels, fan_out, bias=conv.bias is not None, norm=norm))
+        layers += [neurons(f"head.{i}", m.out_features, [Slice(f"head.{j}.weight", 1)], bias=m.bias is not None)
+                   for (i, m), (j, _) in zip(linears[:-1], linears[1:])]
+        return tuple(layers)
+
 
 class CharLSTM(nn.Module):
     """Next-character model (LEAF Shakespeare): embedding, stacked LSTM, linear head on the last step.
@@ -86,3 +124,23 @@ class CharLSTM(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out, _ = self.lstm(self.embed(x))
         return self.head(out[:, -1, :])
+
+    def unit_map(self) -> tuple[UnitLayer, ...]:
+        """The hidden units of every LSTM layer ``k``: fan-in, the unit's 4 gate rows (i, f, g, o) of
+        ``weight_ih_l{k}``, ``weight_hh_l{k}``, ``bias_ih_l{k}`` and ``bias_hh_l{k}``; fan-out, its
+        ``weight_hh_l{k}`` column and the next layer's ``weight_ih`` column (the head's input column
+        after the last layer). The embedding and the head are not unit layers.
+
+        Example:
+            >>> [(u.name, u.units) for u in CharLSTM((80,), 82, hidden=16, layers=2).unit_map()]
+            [('lstm.l0', 16), ('lstm.l1', 16)]
+        """
+        h, n = self.lstm.hidden_size, self.lstm.num_layers
+        layers = []
+        for k in range(n):
+            gates = [Slice(f"lstm.{w}_l{k}", 0, repeats=4, stride=h) for w in ("weight_ih", "weight_hh")]
+            if self.lstm.bias:
+                gates += [Slice(f"lstm.{b}_l{k}", 0, repeats=4, stride=h) for b in ("bias_ih", "bias_hh")]
+            nxt = Slice(f"lstm.weight_ih_l{k + 1}", 1) if k + 1 < n else Slice("head.weight", 1)
+            layers.append(UnitLayer(f"lstm.l{k}", h, tuple(gates), (Slice(f"lstm.weight_hh_l{k}", 1), nxt)))
+        return tuple(layers)

@@ -1,8 +1,7 @@
 """The scenario schema: pydantic models for every section of a fedsim YAML file.
 
 This module knows the shape of a scenario; `fedsim.scenario.load` knows YAML.
-Sections reserved for later capabilities (``lora``, ``pruning``) are accepted only when absent
-or null.
+The section reserved for a later capability (``lora``) is accepted only when absent or null.
 """
 
 from __future__ import annotations
@@ -261,6 +260,46 @@ class Privacy(Section):
         return self
 
 
+# ------------------------------------------------------------------------ pruning
+Fraction = Annotated[float, Field(ge=0, lt=1)]
+
+
+class Pruning(Section):
+    """Federated pruning (specs/autoflip.md). ``kind: autoflip``: a one-off exploration stage
+    before round 1 (explorer clients train a private copy and send their squared parameter
+    deviations), then a hybrid mask from the merged, per-tensor normalised deviations —
+    ``structured_sparsity`` of each layer's units, then exactly ``sparsity`` of the remaining
+    maskable entries — and masked training with sparse communication. ``kind: random``: the
+    baseline, a seeded uniform random mask at the same exact ``sparsity``, no exploration."""
+
+    kind: Literal["autoflip", "random"] = "autoflip"
+    sparsity: Fraction = 0.30
+    structured_sparsity: Fraction | None = None          # None: 0.2 for autoflip (every built-in model has a unit map), 0 for random
+    explorer_fraction: Annotated[float, Field(gt=0, le=1)] | None = None   # None: 1.0 (every client explores)
+    explorers: PositiveInt | None = None                  # a number of explorers instead of explorer_fraction
+    explore_epochs: PositiveInt = 150
+    patience: PositiveInt = 40
+    warmup_epochs: Annotated[int, Field(ge=0)] = 0
+    explore_optimizer: Literal["sgd", "adam"] = "adam"
+    explore_lr: PositiveFloat = 3e-4
+    explore_batch_size: PositiveInt = 350
+    explore_weighting: Literal["uniform", "num_examples"] = "uniform"
+    normalization: Literal["minmax", "robust"] = "minmax"
+    maskable: Literal["weights", "all"] = "weights"
+    exclude: list[str] = Field(default_factory=list)
+    selection: Literal["exact_rank", "quantile_gt"] = "exact_rank"
+    start_from: Literal["initial"] = "initial"
+    mask_update: Literal["static"] = "static"
+
+    @model_validator(mode="after")
+    def _check(self) -> "Pruning":
+        if self.kind == "random" and self.structured_sparsity:
+            raise ValueError("structured_sparsity: the random-mask baseline is unstructured; leave it unset")
+        if self.explorers is not None and self.explorer_fraction is not None:
+            raise ValueError(either_or_message("explorers", "explorer_fraction"))
+        return self
+
+
 # ------------------------------------------------------------------ engine/output
 class EngineConfig(Section):
     """Where the server and the clients run. Keys of other kinds are accepted and ignored, so
@@ -316,7 +355,7 @@ class Scenario(Section):
     lr_schedule: LrSchedule | None = None
     privacy: Privacy | None = None
     lora: None = None
-    pruning: None = None
+    pruning: Pruning | None = None
 
 
 #: Discriminated unions by location, used to map pydantic's error paths back to YAML paths.

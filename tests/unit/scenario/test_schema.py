@@ -64,8 +64,8 @@ def test_yaml_syntax_and_python_tags_rejected():
 
 
 def test_reserved_sections_and_engines(tiny_yaml):
-    found = problems(tiny_yaml + "pruning: {kind: autoflip}\nengine: {kind: spark}\n")
-    assert any(p.startswith("pruning: section 'pruning' is reserved") for p in found), found
+    found = problems(tiny_yaml + "lora: {rank: 8}\nengine: {kind: spark}\n")
+    assert any(p.startswith("lora: section 'lora' is reserved") for p in found), found
     assert any(p.startswith("engine.kind: Input should be 'inprocess', 'workers', 'flower' or 'ray'") for p in found)
 
 

@@ -1,0 +1,230 @@
+"""AutoFLIP and the random-mask baseline through the real engines: the FedAvg limit (A4), zeros that
+stay zero through local steps, aggregation and server momentum (A5), sparse bytes on the wire and
+a bitmap only when a client lacks the mask (A10), one exploration across a crash and resume (A11),
+the cost counters in summary.json, and the scenario guards."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from clients.app import app as client_app
+from fedsim.engine import run_scenario
+from fedsim.engine.inprocess import InProcessGrid, run_server_app
+from fedsim.federation import get_federation
+from fedsim.flower.codec import make_run_config
+from fedsim.results import read_json, read_metrics
+from fedsim.scenario import ScenarioError, parse_scenario
+from server.app import app as server_app
+
+BASE = """\
+name: prune
+seed: 5
+data:
+  dataset: digits
+  partition: {kind: dirichlet, num_clients: 6, alpha: 0.5, min_size: 20}
+model: {name: mlp, options: {hidden: [32]}}
+federation:
+  rounds: 3
+  clients_per_round: 3
+  local: {epochs: 1, batch_size: 16, lr: 0.1, momentum: 0.9}
+engine: {kind: inprocess}
+"""
+EXPLORE = "explore_epochs: 3, patience: 2, explore_batch_size: 32, explore_lr: 0.01"
+
+
+def _run(tmp_path: Path, name: str, extra: str = "", **kw) -> Path:
+    run_scenario(parse_scenario(BASE + extra), tmp_path / name, progress="none", **kw)
+    return tmp_path / name
+
+
+def _model(run: Path) -> dict:
+    return load_file(str(run / "model.safetensors"))
+
+
+def test_no_sparsity_is_fedavg_bit_for_bit(tmp_path):
+    """A4: sparsity 0 and structured 0 after an exploration stage give FedAvg's model exactly.
+    Catches exploration drawing from the training streams, θ¹ not being θ⁰, round numbers
+    shifted by the stage, and a sparse wire that scatters values to the wrong entries."""
+    fedavg = _run(tmp_path, "fedavg")
+    pruned = _run(tmp_path, "pruned", f"pruning: {{sparsity: 0.0, structured_sparsity: 0.0, {EXPLORE}}}\n")
+    a, b = _model(fedavg), _model(pruned)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    rows = read_metrics(pruned)
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
+    doc = read_json(pruned / "pruning.json")
+    assert doc["explored"] and doc["sparsity"] == 0.0 and len(doc["exploration"]["explorers"]) == 6
+    assert all(1 <= c["epochs"] <= 3 for c in doc["exploration"]["clients"].values())
+
+
+@pytest.fixture(scope="module")
+def autoflip(tmp_path_factory) -> Path:
+    """AutoFLIP at 40 % unstructured + 25 % structured under FedAvgM (server momentum) and client momentum."""
+    return _run(tmp_path_factory.mktemp("af"), "af",
+                f"strategy: {{name: fedavgm, server_momentum: 0.9}}\n"
+                f"pruning: {{sparsity: 0.4, structured_sparsity: 0.25, {EXPLORE}}}\n")
+
+
+def test_zeros_stay_zero_and_the_mask_is_what_pruning_json_says(autoflip):
+    """A5 and A9 through the engine: every masked entry of the final model is exactly 0, a removed
+    hidden unit's fan-in row, bias and fan-out column included, and the exact sparsity holds.
+    Catches a mask not re-applied after the step (momentum revives zeros), the server's momentum
+    reviving them after aggregation, and removed units whose fan-out was left trainable."""
+    doc = read_json(autoflip / "pruning.json")
+    model = _model(autoflip)
+    removed = doc["removed_units"]
+    assert removed and all(len(v) == 8 for v in removed.values())          # floor(0.25 * 32) of the hidden layer
+    units = next(iter(removed.values()))
+    w1, b1, w2 = model["net.1.weight"], model["net.1.bias"], model["net.3.weight"]
+    assert not w1[units].any() and not b1[units].any() and not w2[:, units].any()
+    zeros = sum(int(np.count_nonzero(model[k] == 0)) for k in doc["pruned"])
+    assert zeros >= sum(doc["pruned"].values())
+    weights = w1.size + w2.size
+    remaining = weights - 8 * 64 - 8 * 10                                    # maskable entries after the structured step
+    assert doc["pruned"]["net.1.weight"] + doc["pruned"]["net.3.weight"] == 8 * 64 + 8 * 10 + int(0.4 * remaining)
+    assert all(r["sparsity"] == doc["sparsity"] for r in read_metrics(autoflip) if r["round"] >= 1)
+
+
+def test_cost_counters_in_summary(autoflip):
+    """The summary's FLOPs and bytes ratios: below 1 where the mask saves, exploration added on top.
+    Catches dense uploads (bytes_up_ratio 1), the exploration cost left out, and FLOPs counted
+    on the dense model."""
+    s = read_json(autoflip / "summary.json")
+    doc = read_json(autoflip / "pruning.json")
+    assert s["sparsity"] == doc["sparsity"] > 0.4
+    assert 0 < s["flops_ratio"] < s["flops_ratio_structured"] < 1
+    assert s["flops_ratio_with_exploration"] > s["flops_ratio"]
+    assert s["flops_ratio"] == pytest.approx(doc["macs"]["theoretical"] / doc["macs"]["dense"])
+    assert 0 < s["bytes_up_ratio"] < 1 and 0 < s["bytes_down_ratio"] < 1
+    assert s["bytes_up_ratio_with_exploration"] > s["bytes_up_ratio"]
+
+
+def test_sparse_bytes_on_the_wire(tmp_path, autoflip):
+    """A10: a round's uplink and downlink are smaller than the same round's dense ones by the masked
+    entries' 4 bytes per message (plus the bitmap down in round 1, when every client lacks it),
+    within protobuf overhead (<= 1 KiB + 1 % per message); the dense-equivalent bytes match the
+    dense run's. Catches kept-only arrays that are not actually sent sparse (either way), indices
+    sent along, and a dense-equivalent count that is assumed rather than measured."""
+    doc = read_json(autoflip / "pruning.json")
+    dense = _run(tmp_path, "dense", "strategy: {name: fedavgm, server_momentum: 0.9}\n")
+    pruned_entries = sum(doc["pruned"].values())
+    bitmap = -(-sum(v.size for v in _model(autoflip).values()) // 8)
+    for a, b in zip(read_metrics(dense), [r for r in read_metrics(autoflip) if r["round"] >= 1]):
+        for way, per in (("up", 0), ("down", bitmap if b["round"] == 1 else 0)):
+            expected = a[f"bytes_{way}"] - b["clients"] * (4 * pruned_entries - per)
+            assert abs(b[f"bytes_{way}"] - expected) <= b["clients"] * (1024 + 0.01 * a[f"bytes_{way}"] / a["clients"])
+            assert abs(b[f"bytes_{way}_dense"] - a[f"bytes_{way}"]) <= b["clients"] * (1024 + 0.01 * a[f"bytes_{way}"] / a["clients"])
+
+
+def test_bitmap_only_when_the_client_lacks_the_mask():
+    """A10's second half on the server contract: the bitmap (ceil(N/8) bytes) goes to a client the
+    first time it takes part after a mask change, never again. Catches a bitmap in every message."""
+    from fedsim.builder import build
+    from fedsim.core.server import ClientUpdate
+    from fedsim.federation import Federation
+
+    scn = parse_scenario(BASE + "pruning: {kind: random, sparsity: 0.5}\n")
+    fed = Federation(scn)
+    server = build(scn, fed).server
+    params = fed.initial_arrays()
+    state = server.init(params)
+    plan = server.plan(state, 1, params)
+    first = server.client_downlink(state, plan, 2)
+    bits = first.arrays["pruning.bitmap"]["bits"]
+    n = sum(params[k].size for k in fed.trainable_names())
+    assert bits.dtype == np.uint8 and bits.size == -(-n // 8)
+    reply = ClientUpdate(2, 10.0, {k: v.copy() for k, v in params.items()}, metrics={"pruning_samples": 10})
+    _, state, _ = server.aggregate(state, plan, params, [reply])
+    assert server.client_downlink(state, server.plan(state, 2, params), 2).arrays == {}
+    assert "pruning.bitmap" in server.client_downlink(state, server.plan(state, 2, params), 3).arrays
+
+
+class Crash(Exception):
+    """Stands for the process being killed."""
+
+
+class CrashingGrid(InProcessGrid):
+    crash_round = 3
+
+    def _deliver(self, msgs, timeout):
+        if int(msgs[0].content["config"]["server-round"]) == self.crash_round:
+            raise Crash()
+        return super()._deliver(msgs, timeout)
+
+
+def test_exploration_runs_once_across_a_crash_and_resume(tmp_path, monkeypatch):
+    """A11: checkpoint after round 1, crash in round 3, resume: exploration is not run again, and the
+    model equals a straight run's. Catches an exploration flag outside the checkpointed state."""
+    from fedsim.algorithms import autoflip as algorithm
+
+    calls = []
+    original = algorithm.explore
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(algorithm, "explore", counted)
+    scn = parse_scenario(BASE.replace("rounds: 3", "rounds: 4") +
+                         f"pruning: {{sparsity: 0.3, {EXPLORE}}}\noutput: {{checkpoint_every: 1}}\n")
+    run_scenario(scn, tmp_path / "straight", progress="none")
+    explorers = len(read_json(tmp_path / "straight" / "pruning.json")["exploration"]["explorers"])
+    assert len(calls) == explorers
+    calls.clear()
+
+    cut = tmp_path / "cut"
+    run_config = make_run_config(scn, cut, "none")
+    grid = CrashingGrid(client_app, get_federation(scn).num_clients, run_config, state_dir=cut / "client_state")
+    with pytest.raises(Crash):
+        run_server_app(server_app, grid, run_config)
+    assert len(calls) == explorers
+    run_scenario(scn, cut, progress="none", resume=True)
+    assert len(calls) == explorers, "exploration ran again on resume"
+    a, b = _model(tmp_path / "straight"), _model(cut)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert json.loads((cut / "pruning.json").read_text())["exploration"] == \
+        json.loads((tmp_path / "straight" / "pruning.json").read_text())["exploration"]
+
+
+def test_random_baseline_masks_from_round_one(tmp_path):
+    """The random-mask baseline: exact sparsity over the maskable weights, masked entries 0 in the
+    final model, no exploration stage. Catches θ⁰'s values left at masked entries on the server."""
+    run = _run(tmp_path, "random", "pruning: {kind: random, sparsity: 0.5}\n")
+    doc = read_json(run / "pruning.json")
+    model = _model(run)
+    weights = model["net.1.weight"].size + model["net.3.weight"].size
+    assert doc["pruned"]["net.1.weight"] + doc["pruned"]["net.3.weight"] == weights // 2
+    assert not doc["exploration"]["explorers"] and [r["round"] for r in read_metrics(run)] == [1, 2, 3]
+    zeros = int(np.count_nonzero(model["net.1.weight"] == 0) + np.count_nonzero(model["net.3.weight"] == 0))
+    assert zeros >= weights // 2
+
+
+@pytest.mark.integration
+def test_workers_engine_matches_inprocess(tmp_path):
+    """Exploration in worker processes and masked training give the in-process model exactly."""
+    extra = f"pruning: {{sparsity: 0.3, {EXPLORE}}}\n"
+    a = _run(tmp_path, "a", extra)
+    b = _run(tmp_path, "b", extra + "engine: {kind: workers, workers: 2}\n")
+    ma, mb = _model(a), _model(b)
+    assert all(np.array_equal(ma[k], mb[k]) for k in ma)
+
+
+@pytest.mark.parametrize("extra,message", [
+    ("pruning: {}\nprivacy: {}\n", "pruning does not combine with privacy"),
+    ("pruning: {kind: random, structured_sparsity: 0.2}\n", "random-mask baseline is unstructured"),
+    ("pruning: {sparsity: 1.0}\n", "pruning.sparsity"),
+    ("pruning: {explorers: 2, explorer_fraction: 0.5}\n", "give either explorers or explorer_fraction"),
+])
+def test_pruning_scenario_guards(extra, message):
+    with pytest.raises(ScenarioError) as info:
+        parse_scenario(BASE + extra)
+    assert any(message in p for p in info.value.problems), info.value.problems
+
+
+def test_more_explorers_than_clients(tmp_path):
+    with pytest.raises(ScenarioError, match="pruning.explorers: 9 is more than the 6 clients"):
+        _run(tmp_path, "x", "pruning: {explorers: 9}\n")
