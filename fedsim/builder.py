@@ -142,7 +142,9 @@ def _fedhyper(cfg: Any, fed: Federation) -> Parts:
 # ----------------------------------------------------------------- privacy.unit
 
 CALIBRATION = ("max_participation: sigma is calibrated to the target over steps = (local steps per round) x "
-               "federation.rounds, the most a client could take part in, so the target holds for any participation")
+               "federation.rounds (+ the exploration stage's most steps, pruning.explore_epochs + warmup_epochs "
+               "epochs, with AutoFLIP), the most a client could take part in, so the target holds for any "
+               "participation")
 
 
 def _check_delta(cfg: Any, fed: Federation, population: bool) -> None:
@@ -174,7 +176,10 @@ def _record_level(cfg: Any, fed: Federation) -> Parts:
     sigma = cfg.noise_multiplier if cfg.noise_multiplier is not None or cfg.epsilon is not None else 1.0
     notes = []
     mode, why = cfg.grad_sample_mode, "set in the scenario"
-    if mode == "auto":
+    pruning = fed.scenario.pruning
+    if mode == "auto" and pruning is not None:
+        mode, why = "hooks", "pruning masks the per-sample gradients before clipping"
+    elif mode == "auto":
         mode, why = privacy.auto_grad_sample_mode(fed.client_model(), cfg.mechanism)
         if mode == "ghost":
             notes.append(f"privacy.grad_sample_mode auto -> ghost clipping: {why}")
@@ -185,7 +190,8 @@ def _record_level(cfg: Any, fed: Federation) -> Parts:
         kappa=None if cfg.noise_inflation == "sqrt(1+2r)" else float(cfg.noise_inflation),
         persist_error=cfg.persist_error, lr_divide_by_c1=cfg.lr_divide_by_c1,
         grad_sample_mode=mode,
-        physical_batch_size=cfg.physical_batch_size)
+        physical_batch_size=cfg.physical_batch_size,
+        stage_epochs=pruning.explore_epochs + pruning.warmup_epochs if pruning and pruning.kind == "autoflip" else 0)
     mirror = privacy.LedgerMirror("privacy", unit="example", mechanism=cfg.mechanism, delta=cfg.delta,
                                   target_epsilon=cfg.epsilon, accountant=cfg.accountant,
                                   calibration=_calibration(cfg, fed), grad_sample_mode={"mode": mode, "why": why})

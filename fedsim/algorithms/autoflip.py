@@ -107,6 +107,70 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().to("cpu").numpy()
 
 
+class ExplorationSchedule:
+    """An explorer's epochs as a batch source for any training loop (fedsim's standard loop, with
+    DP-SGD's hooks if the run is private): ``warmup_epochs`` epochs, then up to ``explore_epochs``
+    epochs until :class:`EarlyStopping` on the epoch-mean loss says stop.
+
+    ``epoch()`` returns the batches of one epoch per call. Feed every batch's mean loss to
+    :meth:`record`. ``on_base()`` is called once, when the warm-up is over (snapshot θ_base there).
+    The schedule decides lazily: the next epoch starts only after the previous one was consumed.
+
+    Example:
+        >>> s = ExplorationSchedule(lambda: [0], explore_epochs=5, patience=1)
+        >>> for i, epoch in enumerate(s.epochs()):
+        ...     s.record([3.0, 2.0, 2.5, 1.0, 1.0][i], 1)
+        >>> s.losses, s.epochs_run
+        ([3.0, 2.0, 2.5], 3)
+    """
+
+    def __init__(self, epoch: Callable[[], Iterable[Any]], *, explore_epochs: int, patience: int,
+                 warmup_epochs: int = 0, on_base: Callable[[], None] | None = None):
+        if explore_epochs < 1 or warmup_epochs < 0:
+            raise ValueError(f"exploration needs explore_epochs >= 1 and warmup_epochs >= 0 "
+                             f"(got {explore_epochs}, {warmup_epochs})")
+        self.epoch, self.explore_epochs, self.warmup_epochs = epoch, int(explore_epochs), int(warmup_epochs)
+        self.stopper, self.on_base = EarlyStopping(patience), on_base
+        self.losses: list[float] = []
+        self.examples_seen = 0
+        self._total, self._count = 0.0, 0
+
+    def record(self, loss: float, n: int) -> None:
+        """One batch's mean loss over its ``n`` examples (empty batches: ``n = 0``, ignored)."""
+        if n:
+            self._total += float(loss) * n
+            self._count += int(n)
+
+    def _epoch_mean(self) -> float:
+        mean = self._total / self._count if self._count else math.inf
+        self.examples_seen += self._count
+        self._total, self._count = 0.0, 0
+        return mean
+
+    @property
+    def epochs_run(self) -> int:
+        """Exploration epochs after the warm-up, so far."""
+        return len(self.losses)
+
+    def epochs(self):
+        for _ in range(self.warmup_epochs):
+            yield self.epoch()
+            self._epoch_mean()
+        if self.on_base is not None:
+            self.on_base()
+        for _ in range(self.explore_epochs):
+            yield self.epoch()
+            self.losses.append(self._epoch_mean())
+            if self.stopper.update(self.losses[-1]):
+                return
+
+
+def squared_deviations(params: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """``(θ − θ_base)²`` per tensor, computed in float64, returned as float32."""
+    return {n: np.square(_numpy(p).astype(np.float64) - _numpy(base[n]).astype(np.float64)).astype(np.float32)
+            for n, p in params.items()}
+
+
 def explore(model: torch.nn.Module, epochs: Callable[[], Iterable[tuple[Any, Any]]],
             make_optimizer: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer],
             loss_fn: Callable[[torch.Tensor, Any], torch.Tensor], *, explore_epochs: int, patience: int,
@@ -118,10 +182,9 @@ def explore(model: torch.nn.Module, epochs: Callable[[], Iterable[tuple[Any, Any
     copy's trainable parameters (one optimiser for warm-up and exploration). The epoch-mean loss
     is the example-weighted mean of the batch losses (``loss_fn`` returns a batch mean); empty
     batches are skipped. The base is a ``clone()`` snapshot, so the optimiser cannot alias it.
+    (fedsim's clients run the same :class:`ExplorationSchedule` inside their standard loop, so a
+    private run explores under DP-SGD.)
     """
-    if explore_epochs < 1 or warmup_epochs < 0:
-        raise ValueError(f"exploration needs explore_epochs >= 1 and warmup_epochs >= 0 "
-                         f"(got {explore_epochs}, {warmup_epochs})")
     work = copy.deepcopy(model)
     if device is not None:
         work.to(device)
@@ -131,12 +194,16 @@ def explore(model: torch.nn.Module, epochs: Callable[[], Iterable[tuple[Any, Any
         raise ValueError("the model has no trainable parameters to explore")
     dev = next(iter(named.values())).device
     optimizer = make_optimizer(list(named.values()))
-    seen = 0
+    base: dict[str, torch.Tensor] = {}
 
-    def one_epoch() -> float:
-        nonlocal seen
-        total, count = 0.0, 0
-        for x, y in epochs():
+    def snapshot() -> None:
+        with torch.no_grad():
+            base.update({n: p.detach().clone() for n, p in named.items()})
+
+    schedule = ExplorationSchedule(epochs, explore_epochs=explore_epochs, patience=patience,
+                                   warmup_epochs=warmup_epochs, on_base=snapshot)
+    for batches in schedule.epochs():
+        for x, y in batches:
             n = int(len(y))
             if n == 0:
                 continue
@@ -146,24 +213,10 @@ def explore(model: torch.nn.Module, epochs: Callable[[], Iterable[tuple[Any, Any
             loss = loss_fn(work(x), y)
             loss.backward()
             optimizer.step()
-            total += float(loss.detach()) * n
-            count += n
-        seen += count
-        return total / count if count else math.inf
-
-    for _ in range(warmup_epochs):
-        one_epoch()
-    with torch.no_grad():
-        base = {n: p.detach().clone() for n, p in named.items()}
-    stopper, losses = EarlyStopping(patience), []
-    for _ in range(explore_epochs):
-        losses.append(one_epoch())
-        if stopper.update(losses[-1]):
-            break
-    deviations = {n: np.square(_numpy(p).astype(np.float64) - _numpy(base[n]).astype(np.float64)).astype(np.float32)
-                  for n, p in named.items()}
+            schedule.record(float(loss.detach()), n)
     params = {n: _numpy(p).astype(np.float32, copy=True) for n, p in named.items()} if return_params else None
-    return Exploration(deviations, len(losses), int(warmup_epochs), seen, losses, params)
+    return Exploration(squared_deviations(named, base), schedule.epochs_run, int(warmup_epochs),
+                       schedule.examples_seen, schedule.losses, params)
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,10 +16,12 @@ Server (:class:`PruningServer`):
   gets the mask's bitmap (``ceil(|P_M| / 8)`` bytes) only the first time it takes part after a mask
   change.
 
-Client (:class:`PruningClient`): in round 0 an explorer runs :func:`~fedsim.algorithms.autoflip.explore`
-(its own procedure); in training rounds the gradients are masked before every step and the
-parameters and optimizer state re-masked after it, and the upload is the kept entries only.
-The client caches the bitmap in its state.
+Client (:class:`PruningClient`): in round 0 an explorer trains in the standard loop on an
+:class:`~fedsim.algorithms.autoflip.ExplorationSchedule` (so under DP it explores with DP-SGD and
+its steps are in its privacy ledger); in training rounds the per-sample gradients are masked
+before clipping (under DP), the gradients before every step (after DP's noise), the parameters
+and optimizer state after it, and the upload is the kept entries only. The client caches the
+bitmap in its state.
 
 Cost accounting: ``pruning.json`` (the mask: per-tensor counts, removed units, digest; the
 explorers' epochs; per-sample forward MACs dense / theoretical / structured) and ``summary.json``
@@ -209,34 +211,46 @@ class PruningServer(ServerPlugin):
 
 # ------------------------------------------------------------------------------- client
 class _ExploreRound(ClientRound):
-    def __init__(self, plugin: "PruningClient"):
-        self.plugin = plugin
-        self.result: Any = None
+    """An explorer's round in the standard loop (so a private run explores under DP-SGD, and its
+    steps reach the privacy ledger): an :class:`~fedsim.algorithms.autoflip.ExplorationSchedule`
+    as the batch source, the explorer's optimizer and learning rate, θ_base snapshotted when the
+    warm-up ends, ``D_k = (θ_k − θ_base)²`` up."""
 
-    def procedure(self, run: LocalRun, rounds: Sequence[ClientRound]) -> dict[str, float]:
-        import time
-
+    def __init__(self, plugin: "PruningClient", run: LocalRun):
         from fedsim.train import ShuffledBatches, make_optimizer
 
-        start, p = time.perf_counter(), self.plugin
+        p = self.plugin = plugin
         x, y = run.data
-        generator = run.generator("explore")
+        generator = run.generator("explore")            # its own stream: training's stay FedAvg's (A4)
+        self.base: dict[str, torch.Tensor] = {}
 
         def epoch():
             return next(iter(ShuffledBatches(x, y, batch_size=p.explore_batch_size, epochs=1, generator=generator,
                                              device=run.device).epochs()))
 
-        self.result = autoflip.explore(
-            run.model, epoch, lambda params: make_optimizer(params, p.explore_optimizer, p.explore_lr, 0.0, 0.0),
-            run.loss_fn, explore_epochs=p.explore_epochs, patience=p.patience, warmup_epochs=p.warmup_epochs,
-            device=run.device)
-        return {"train_loss": float(getattr(self.result, "final_loss", 0.0)), "steps": 0,
-                "compute_s": time.perf_counter() - start}
+        def snapshot():
+            with torch.no_grad():
+                self.base = {k: v.detach().clone() for k, v in run.trainable().items()}
+
+        self.schedule = autoflip.ExplorationSchedule(epoch, explore_epochs=p.explore_epochs, patience=p.patience,
+                                                     warmup_epochs=p.warmup_epochs, on_base=snapshot)
+        # Set before any plugin's prepare, so a DP plugin wraps this schedule, optimizer and loss.
+        run.batches = self.schedule
+        run.make_optimizer = lambda params, lr: make_optimizer(params, p.explore_optimizer, lr, 0.0, 0.0)
+        run.lr_factors[p.name] = p.explore_lr / run.base_lr
+        loss_fn = run.loss_fn
+
+        def recorded(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            loss = loss_fn(output, target)
+            self.schedule.record(float(loss.detach()), len(target))
+            return loss
+        run.loss_fn = recorded
 
     def finish(self, run: LocalRun, model: Named) -> ClientResult:
-        r = self.result
-        return ClientResult(arrays={"deviation": {k: np.asarray(v, np.float32) for k, v in r.deviations.items()}},
-                            metrics={"explore_epochs": r.epochs_run, "explore_warmup_epochs": r.warmup_epochs,
+        deviations = autoflip.squared_deviations(run.trainable(), self.base)
+        return ClientResult(arrays={"deviation": deviations},
+                            metrics={"explore_epochs": self.schedule.epochs_run,
+                                     "explore_warmup_epochs": self.plugin.warmup_epochs,
                                      "explore_examples": run.num_examples},
                             model={})
 
@@ -257,8 +271,11 @@ class _MaskedRound(ClientRound):
             return loss_fn(output, target)
         run.loss_fn = counted
 
+    def after_backward(self, run: LocalRun) -> None:
+        autoflip.mask_grad_samples_(run.trainable(), self.masks)   # DP: before clipping (no-op otherwise)
+
     def before_step(self, run: LocalRun) -> None:
-        autoflip.mask_grads_(run.grads(), self.masks)
+        autoflip.mask_grads_(run.grads(), self.masks)     # after every other hook (DP: after the noise)
 
     def after_step(self, run: LocalRun, skipped: bool) -> None:
         if not skipped:
@@ -320,7 +337,7 @@ class PruningClient(ClientPlugin):
 
     def begin(self, run: LocalRun, downlink: Payload, state: Any) -> ClientRound:
         if run.phase == EXPLORE:
-            return _ExploreRound(self)
+            return _ExploreRound(self, run)
         mask, keep = self._cached(downlink, state)
         if mask is None:
             raise RuntimeError("a pruning training round came without a mask id")

@@ -13,6 +13,8 @@ global model is loaded, for a model that came down sparse):
   ``GradSampleModule``), replace ``run.optimizer`` or ``run.batches``;
 - ``on_epoch(run)`` before the first batch of every epoch;
 - ``loss_term(run)``: a term added to the batch loss (FedProx's proximal term);
+- ``after_backward(run)``: right after ``backward()``, before any ``before_step``: per-sample
+  gradients are still unclipped (a mask on them);
 - ``before_step(run)``: after ``backward()``, before ``optimizer.step()``; edits ``run.grads()``
   in place (gradient masks, SCAFFOLD's correction);
 - ``after_step(run, skipped)``: after the step (FedHyper-CL's rule, re-masking). ``skipped``
@@ -166,6 +168,10 @@ class ClientRound:
     def loss_term(self, run: LocalRun) -> torch.Tensor | None:
         """A term added to this batch's loss (None: nothing)."""
         return None
+
+    def after_backward(self, run: LocalRun) -> None:
+        """Right after ``backward()``, before every plugin's ``before_step``: Opacus' per-sample
+        gradients (``p.grad_sample``) are not clipped yet (AutoFLIP masks them here)."""
 
     def before_step(self, run: LocalRun) -> None:
         """After ``backward()``, before ``optimizer.step()``: edit ``run.grads()`` in place."""

@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fedsim.core.arrays import Named
 from fedsim.core.client import ClientPlugin, ClientResult, ClientRound, LocalRun
-from fedsim.core.server import ClientUpdate, Payload, PluginUpdate, RoundResult, ServerPlugin
+from fedsim.core.server import TRAIN, ClientUpdate, Payload, PluginUpdate, RoundResult, ServerPlugin
 from fedsim.privacy.accounting import Ledger, calibrate
 from fedsim.privacy.mechanisms import client_level_mean, noise_inflation
 from fedsim.seeding import numpy_rng
@@ -85,11 +85,15 @@ class _PoissonBatches:
     ``BatchMemoryManager``; ``epochs`` passes, or exactly ``steps`` logical batches."""
 
     def __init__(self, run: LocalRun, loader: Any, optimizer: Any, epochs: int | None, steps: int | None,
-                 physical: int | None):
+                 physical: int | None, outer: Any = None):
         self.run, self.loader, self.optimizer = run, loader, optimizer
-        self.epochs_, self.steps, self.physical = epochs, steps, physical
+        self.epochs_, self.steps, self.physical, self.outer = epochs, steps, physical, outer
 
     def epochs(self):
+        if self.run.phase != TRAIN and self.outer is not None:
+            for _ in self.outer.epochs():        # a stage's own schedule (AutoFLIP's exploration) sets the epochs
+                yield self._pass(None)
+            return
         done, epoch = 0, 0
         while (self.steps is not None and done < self.steps) or (self.steps is None and epoch < (self.epochs_ or 1)):
             epoch += 1
@@ -166,7 +170,8 @@ class _RecordLevelRound(ClientRound):
         if p.grad_sample_mode != "ghost":
             run.loss_fn = _dp_loss(run.loss_fn)
         run.optimizer = self.optimizer
-        run.batches = _PoissonBatches(run, loader, self.optimizer, p.epochs, p.steps, p.physical_batch_size)
+        run.batches = _PoissonBatches(run, loader, self.optimizer, p.epochs, p.steps, p.physical_batch_size,
+                                      outer=run.batches)
 
     def before_step(self, run: LocalRun) -> None:
         self.optimizer.privatize()
@@ -214,6 +219,8 @@ class RecordLevelClient(ClientPlugin):
             scripts), DP-SGD no.
         grad_sample_mode: Opacus' per-sample gradient mode, ``hooks``, ``functorch`` or ``ghost``
             (DP-SGD only; see :func:`auto_grad_sample_mode`).
+        stage_epochs: the most epochs a client trains in stages before round 1 (AutoFLIP's
+            exploration, whose own schedule then sets the epochs); calibration counts them.
         physical_batch_size: split Poisson batches into physical batches of this size.
     """
 
@@ -224,7 +231,7 @@ class RecordLevelClient(ClientPlugin):
                  target_epsilon: float | None, delta: float, accountant: str, batch_size: int, epochs: int | None,
                  steps: int | None, rounds: int, error_clip_ratio: float = 1.0, kappa: float | None = None,
                  persist_error: bool = False, lr_divide_by_c1: bool | None = None, grad_sample_mode: str = "hooks",
-                 physical_batch_size: int | None = None):
+                 physical_batch_size: int | None = None, stage_epochs: int = 0):
         self.name, self.mechanism, self.clip = name, mechanism, float(clip)
         self.noise_multiplier, self.target_epsilon, self.delta = noise_multiplier, target_epsilon, float(delta)
         self.accountant, self.batch_size, self.epochs, self.steps = accountant, int(batch_size), epochs, steps
@@ -233,7 +240,7 @@ class RecordLevelClient(ClientPlugin):
             (noise_inflation(self.error_clip_ratio) if mechanism == "dicesgd" else 1.0)
         self.lr_divide_by_c1 = (mechanism == "dicesgd") if lr_divide_by_c1 is None else bool(lr_divide_by_c1)
         self.grad_sample_mode = grad_sample_mode
-        self.physical_batch_size = physical_batch_size
+        self.physical_batch_size, self.stage_epochs = physical_batch_size, int(stage_epochs)
 
     def takes_part(self, phase: str) -> bool:
         return True                       # every phase that trains on private data is accounted
@@ -246,12 +253,17 @@ class RecordLevelClient(ClientPlugin):
         """Logical steps per round: ``steps``, or ``epochs * ceil(n / B)``."""
         return int(self.steps) if self.steps is not None else int(self.epochs or 1) * math.ceil(n / self.batch_size)
 
+    def stage_steps(self, n: int) -> int:
+        """The most logical steps a client takes in stages before round 1 (AutoFLIP's exploration)."""
+        return self.stage_epochs * math.ceil(n / self.batch_size)
+
     def noise_for(self, n: int) -> float:
-        """σ for a client with ``n`` examples (explicit, or calibrated over ``τ R`` steps)."""
+        """σ for a client with ``n`` examples (explicit, or calibrated over ``τ R`` steps plus the
+        stages' most steps)."""
         if self.noise_multiplier is not None:
             return float(self.noise_multiplier)
-        return calibrate(self.target_epsilon, self.delta, self.sample_rate(n), self.local_steps(n) * self.rounds,
-                         self.accountant)
+        return calibrate(self.target_epsilon, self.delta, self.sample_rate(n),
+                         self.local_steps(n) * self.rounds + self.stage_steps(n), self.accountant)
 
     def begin(self, run: LocalRun, downlink: Payload, state: Any) -> ClientRound:
         n = run.num_examples
@@ -260,7 +272,8 @@ class RecordLevelClient(ClientPlugin):
         sigma = float(state["sigma"]) if "sigma" in state else self.noise_for(n)
         q = self.sample_rate(n)
         if self.target_epsilon is not None and self.noise_multiplier is not None:   # a calibrated σ cannot overshoot
-            after = ledger.after(sigma, q, self.local_steps(n)).epsilon(self.delta, self.accountant)
+            next_steps = self.local_steps(n) if run.phase == TRAIN else self.stage_steps(n)
+            after = ledger.after(sigma, q, next_steps).epsilon(self.delta, self.accountant)
             if after > self.target_epsilon:
                 raise PrivacyBudgetExhausted(
                     f"client {run.client_id} does not train: its next round would take it to ε = {after:.3f} > "

@@ -227,9 +227,14 @@ def cross_check(raw: dict) -> list[str]:
                                           strategy.get("server_lr", 1.0))
         problems += [problem] if problem else []
     problems += _privacy_problems(raw.get("privacy"), model.get("name"), strategy.get("name", "fedavg"))
-    if isinstance(raw.get("pruning"), dict) and isinstance(raw.get("privacy"), dict):
-        problems.append("pruning: pruning does not combine with privacy in this version (the explorers' training "
-                        "and deviations would have to be accounted in every client's ledger); remove one of them")
+    pruning, privacy = raw.get("pruning"), raw.get("privacy")
+    if isinstance(pruning, dict) and isinstance(privacy, dict):
+        if privacy.get("unit", "example") == "client":
+            problems.append("pruning: AutoFLIP's explorers send unnoised deviations, which client-level DP does not "
+                            "cover; use privacy.unit: example (exploration then runs under DP-SGD)")
+        if privacy.get("grad_sample_mode") == "ghost":
+            problems.append("privacy.grad_sample_mode: ghost clipping has no per-sample gradients to mask before "
+                            "clipping, which pruning needs; use auto or hooks")
     if strategy.get("name") == "scaffold" and _section(fed, "local").get("optimizer", "sgd") != "sgd":
         problems.append("federation.local.optimizer: strategy 'scaffold' needs local SGD (its control variates "
                         "are built from SGD steps); set federation.local.optimizer: sgd")

@@ -2,10 +2,10 @@
 of every algorithm active on the client.
 
 Per batch: ``zero_grad``; ``loss = loss_fn(run.forward(x), y)`` plus every hook's ``loss_term``;
-``backward``; ``before_step`` hooks; ``optimizer.step()``; ``after_step`` hooks (told whether the
-step was an Opacus virtual step, which is not a step); then the learning rate of the next step
-is ``run.lr`` (``base_lr`` times the hooks' factors), written into the optimizer's param groups
-here and nowhere else.
+``backward``; ``after_backward`` hooks; ``before_step`` hooks; ``optimizer.step()``; ``after_step``
+hooks (told whether the step was an Opacus virtual step, which is not a step); then the learning
+rate of the next step is ``run.lr`` (``base_lr`` times the hooks' factors), written into the
+optimizer's param groups here and nowhere else.
 
 Example:
     >>> import numpy as np, torch
@@ -66,6 +66,8 @@ def train_local(run: LocalRun, rounds: Sequence[ClientRound] = ()) -> dict[str, 
                 if term is not None:
                     loss = loss + term
             loss.backward()
+            for r in rounds:
+                r.after_backward(run)
             for r in rounds:
                 r.before_step(run)
             opt.step()

@@ -162,13 +162,13 @@ def test_exploration_runs_once_across_a_crash_and_resume(tmp_path, monkeypatch):
     from fedsim.algorithms import autoflip as algorithm
 
     calls = []
-    original = algorithm.explore
 
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
+    class Counted(algorithm.ExplorationSchedule):
+        def __init__(self, *args, **kwargs):
+            calls.append(1)
+            super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(algorithm, "explore", counted)
+    monkeypatch.setattr(algorithm, "ExplorationSchedule", Counted)
     scn = parse_scenario(BASE.replace("rounds: 3", "rounds: 4") +
                          f"pruning: {{sparsity: 0.3, {EXPLORE}}}\noutput: {{checkpoint_every: 1}}\n")
     run_scenario(scn, tmp_path / "straight", progress="none")
@@ -214,7 +214,8 @@ def test_workers_engine_matches_inprocess(tmp_path):
 
 
 @pytest.mark.parametrize("extra,message", [
-    ("pruning: {}\nprivacy: {}\n", "pruning does not combine with privacy"),
+    ("pruning: {}\nprivacy: {unit: client}\n", "client-level DP does not cover"),
+    ("pruning: {}\nprivacy: {grad_sample_mode: ghost}\n", "no per-sample gradients to mask"),
     ("pruning: {kind: random, structured_sparsity: 0.2}\n", "random-mask baseline is unstructured"),
     ("pruning: {sparsity: 1.0}\n", "pruning.sparsity"),
     ("pruning: {explorers: 2, explorer_fraction: 0.5}\n", "give either explorers or explorer_fraction"),
@@ -228,3 +229,68 @@ def test_pruning_scenario_guards(extra, message):
 def test_more_explorers_than_clients(tmp_path):
     with pytest.raises(ScenarioError, match="pruning.explorers: 9 is more than the 6 clients"):
         _run(tmp_path, "x", "pruning: {explorers: 9}\n")
+
+
+def test_autoflip_under_dp_sgd(tmp_path, monkeypatch):
+    """A12: AutoFLIP with record-level DP-SGD (σ = 1, C = 1). The explorers train under DP-SGD and
+    their steps are in their ledgers (round 0 included); per-sample gradients are 0 at masked
+    entries whenever Opacus clips; masked entries stay exactly 0; each ε is its events' ε.
+    Catches exploration outside DP (steps missing from the ledger), a mask applied only after
+    clipping (pruned entries use clip budget), and a mask that noise revives."""
+    from fedsim.privacy import Ledger
+    from fedsim.privacy.optimizers import PrivateOptimizer
+
+    seen = {"clips": 0, "masked_nonzero": 0}
+    original = PrivateOptimizer.clip_and_accumulate
+
+    def checked(self):
+        w = self.params[0]                                    # net.1.weight: its zeros are the mask
+        zero = w.detach() == 0                                # (none before the mask: random init)
+        if getattr(w, "grad_sample", None) is not None and bool(zero.any()):
+            seen["clips"] += 1
+            seen["masked_nonzero"] += int(w.grad_sample[:, zero].abs().sum() > 0)
+        return original(self)
+
+    monkeypatch.setattr(PrivateOptimizer, "clip_and_accumulate", checked)
+    run = _run(tmp_path, "dp", f"pruning: {{sparsity: 0.4, {EXPLORE}}}\n"
+                               "privacy: {noise_multiplier: 1.0, clip: 1.0, accountant: rdp, delta: 1.0e-3}\n")
+    assert seen["clips"] > 0 and seen["masked_nonzero"] == 0
+    doc = read_json(run / "privacy.json")
+    rows = read_metrics(run, "clients.jsonl")
+    explorers = read_json(run / "pruning.json")["exploration"]["explorers"]
+    assert {r["client_id"] for r in rows if r["round"] == 0} == set(explorers)
+    for cid, entry in doc["clients"].items():
+        mine = [r for r in rows if r["client_id"] == int(cid)]
+        assert sum(e["steps"] for e in entry["events"]) == sum(r["dp_steps"] for r in mine)
+        assert entry["epsilon"] == pytest.approx(Ledger.from_list(entry["events"]).epsilon(1e-3, "rdp"), rel=1e-12)
+    assert any(r["round"] == 0 and r["dp_steps"] > 0 for r in rows)
+    model, prune = _model(run), read_json(run / "pruning.json")
+    zeros = sum(int(np.count_nonzero(model[k] == 0)) for k in prune["pruned"])
+    assert zeros >= sum(prune["pruned"].values())
+
+
+def test_no_torch_prune_in_the_pruning_path():
+    """A12's static check: torch.nn.utils.prune breaks under Opacus (buffers); fedsim masks explicitly."""
+    root = Path(__file__).resolve().parents[2] / "fedsim"
+    for path in [root / "algorithms" / "autoflip.py", root / "algorithms" / "autoflip_plugins.py"]:
+        assert "nn.utils.prune" not in path.read_text() and "import prune" not in path.read_text()
+
+
+def test_dp_calibration_counts_the_exploration_stage():
+    """σ is calibrated over τR training steps plus the exploration stage's most steps, so the target
+    holds for an explorer that also takes part in every round. Catches exploration left out of
+    the calibration (an explorer could overshoot its budget)."""
+    from fedsim.builder import build
+    from fedsim.federation import Federation
+    from fedsim.privacy import Event, epsilon
+
+    scn = parse_scenario(BASE + f"pruning: {{{EXPLORE}, warmup_epochs: 1}}\n"
+                                "privacy: {epsilon: 4.0, delta: 1.0e-3, accountant: rdp}\n")
+    fed = Federation(scn)
+    client = next(p for p in build(scn, fed).client_plugins if p.name == "privacy")
+    n = min(fed.client_sizes)
+    q, tau = client.sample_rate(n), client.local_steps(n)
+    assert client.stage_steps(n) == (3 + 1) * tau                       # (explore + warm-up) epochs of τ steps
+    sigma = client.noise_for(n)
+    worst = epsilon([Event(sigma, q, tau * 3 + client.stage_steps(n))], 1e-3, "rdp")
+    assert 0.98 * 4.0 <= worst <= 4.0
