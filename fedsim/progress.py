@@ -69,6 +69,10 @@ class RoundProgress:
             self._bar.update(self._task, completed=server_round, info=_fmt(metrics))
         elif self.mode == "log":
             elapsed = time.perf_counter() - self._start
+            if server_round < 1:              # a stage before round 1 (AutoFLIP's exploration): no ETA yet
+                self.console.print(f"round 0 (stage before round 1)  {_fmt(metrics)}  elapsed {elapsed:.1f}s",
+                                   highlight=False, soft_wrap=True)
+                return
             eta = elapsed / server_round * (self.rounds - server_round)
             self.console.print(f"round {server_round}/{self.rounds}  {_fmt(metrics)}  "
                                f"elapsed {elapsed:.1f}s  ETA {eta:.1f}s", highlight=False, soft_wrap=True)
