@@ -103,8 +103,8 @@ class Exploration:
         return self.losses[-1] if self.losses else math.nan
 
 
-def _numpy(t: torch.Tensor) -> np.ndarray:
-    return t.detach().to("cpu").numpy()
+def _numpy(t: torch.Tensor | np.ndarray) -> np.ndarray:
+    return t if isinstance(t, np.ndarray) else t.detach().to("cpu").numpy()
 
 
 class ExplorationSchedule:
@@ -166,7 +166,7 @@ class ExplorationSchedule:
 
 
 def squared_deviations(params: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    """``(θ − θ_base)²`` per tensor, computed in float64, returned as float32."""
+    """``(θ − θ_base)²`` per tensor (torch tensors or numpy arrays), computed in float64, returned as float32."""
     return {n: np.square(_numpy(p).astype(np.float64) - _numpy(base[n]).astype(np.float64)).astype(np.float32)
             for n, p in params.items()}
 

@@ -10,6 +10,11 @@ Server (:class:`PruningServer`):
   Exploration is part of the server state, so a resumed run never explores again.
 - ``kind: random`` (the baseline) builds a seeded uniform random mask at the same exact sparsity
   when the run starts; no exploration.
+- ``mask_update: every_k_rounds`` (AutoFLIP only): every k-th training round is a refresh round.
+  Its clients train dense from the masked model (pruned entries start at 0) and send their whole
+  model back; the server takes ``D̄ = Σ p_k Δ_k²`` of their updates (``p_k ∝ n_k``), normalises and
+  rebuilds the mask by the same rules, masks the new global model with it and bumps ``mask_id``
+  and the basis id (DiceSGD's error state resets). Each refresh is listed in ``pruning.json``.
 - Then every training round: masked entries stay exactly 0 in the aggregate, the step and the
   optimizer state (``ServerPlugin.mask``); the model travels down and up as the kept entries of
   the masked tensors only (``ArraySpec(kept=...)``; no indices: the mask is shared state); a client
@@ -84,35 +89,46 @@ class PruningServer(ServerPlugin):
         explorers: the exploration stage's clients (sampled by the builder from the run seed).
         normalization, weighting: how deviations are merged (``minmax``/``robust``, ``uniform``/``num_examples``).
         macs: ``(mask, structured) -> {"dense", "theoretical", "structured"}`` per-sample forward MACs.
+        refresh_every: rebuild the mask every this many training rounds (0: a static mask).
     """
 
     def __init__(self, name: str, *, kind: str, shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, np.dtype],
                  trainable: Sequence[str], mask_names: Sequence[str], build_mask: Callable[[Named], Any] | None,
                  random_mask: Callable[[], Named] | None, explorers: Sequence[int], normalization: str,
-                 weighting: str, macs: Callable[[Named, Named], dict[str, int]]):
+                 weighting: str, macs: Callable[[Named, Named], dict[str, int]], refresh_every: int = 0):
+        if refresh_every and kind != "autoflip":
+            raise ValueError("a mask refresh rebuilds AutoFLIP's mask from the clients' updates; "
+                             "the random baseline's mask is static")
         self.name, self.kind = name, kind
         self.shapes, self.dtypes = dict(shapes), dict(dtypes)
         self.trainable, self.mask_names = list(trainable), list(mask_names)
         self.build_mask, self.random_mask, self.explorers = build_mask, random_mask, sorted(explorers)
         self.normalization, self.weighting, self.macs = normalization, weighting, macs
+        self.refresh_every = int(refresh_every)
 
     # -- state
     def init(self, params: Named) -> dict:
         state = {"mask_id": 0, "explored": self.kind != "autoflip", "mask": {}, "report": {}, "seen": {},
-                 "exploration": {}, "counters": {"train_samples": 0, "explore_samples": 0}}
+                 "exploration": {}, "refreshes": [],
+                 "counters": {"train_samples": 0, "explore_samples": 0,
+                              "flops": {"dense": 0, "theoretical": 0, "structured": 0}}}
         if self.kind == "random":
-            mask = self.random_mask()
-            state.update(self._with_mask(mask, mask, {}))
+            mask = self.random_mask()           # unstructured: no whole unit is removed, dense kernels save nothing
+            state.update(self._with_mask(mask, {k: np.ones_like(m, bool) for k, m in mask.items()}, {}, 1))
         return state
 
-    def _with_mask(self, mask: Named, structured: Named, removed: Mapping[str, Any]) -> dict:
+    def _with_mask(self, mask: Named, structured: Named, removed: Mapping[str, Any], mask_id: int) -> dict:
         kept = {k: np.asarray(mask[k], bool) for k in self.mask_names}
         total = sum(m.size for m in kept.values())
         pruned = {k: int(m.size - np.count_nonzero(m)) for k, m in kept.items()}
         report = {"sparsity": sum(pruned.values()) / max(total, 1), "pruned": pruned, "maskable": total,
                   "removed_units": {k: [int(u) for u in v] for k, v in removed.items()},
                   "digest": autoflip.mask_digest(kept), "macs": self.macs(kept, structured)}
-        return {"mask": kept, "mask_id": 1, "report": report}
+        return {"mask": kept, "mask_id": mask_id, "report": report}
+
+    def _refreshes(self, state: dict, server_round: int) -> bool:
+        return bool(self.refresh_every and state["mask"] and server_round >= 1
+                    and server_round % self.refresh_every == 0)
 
     def phase(self, state: dict, server_round: int) -> str | None:
         return EXPLORE if server_round == 0 and not state["explored"] else None
@@ -122,7 +138,9 @@ class PruningServer(ServerPlugin):
 
     # -- messages
     def downlink(self, state: dict, server_round: int) -> Payload:
-        return Payload(scalars={"mask_id": state["mask_id"]}) if state["mask_id"] else Payload()
+        if not state["mask_id"]:
+            return Payload()
+        return Payload(scalars={"mask_id": state["mask_id"], "refresh": int(self._refreshes(state, server_round))})
 
     def downlink_client(self, state: dict, server_round: int, cid: int) -> Payload:
         if not state["mask_id"] or state["seen"].get(str(cid)) == state["mask_id"]:
@@ -138,10 +156,11 @@ class PruningServer(ServerPlugin):
     def downlink_model(self, state: dict, phase: str, model_specs: dict[str, ArraySpec]) -> dict[str, ArraySpec]:
         return self._sparse(state, model_specs) if phase == TRAIN and state["mask"] else model_specs
 
-    def uplink(self, state: dict, phase: str, model_specs: dict[str, ArraySpec]):
+    def uplink(self, state: dict, server_round: int, phase: str, model_specs: dict[str, ArraySpec]):
         if phase == EXPLORE:
             return {}, {"deviation": {k: ArraySpec(self.shapes[k], np.dtype(np.float32)) for k in self.trainable}}
-        return (self._sparse(state, model_specs) if state["mask"] else model_specs), {}
+        dense = not state["mask"] or self._refreshes(state, server_round)   # a refresh round's clients train dense
+        return (model_specs if dense else self._sparse(state, model_specs)), {}
 
     def mask(self, state: dict) -> Named | None:
         return state["mask"] or None
@@ -152,9 +171,16 @@ class PruningServer(ServerPlugin):
         counters = dict(state["counters"])
         if result.phase == EXPLORE:
             return self._explored(new, counters, result)
-        counters["train_samples"] += int(sum(r.metrics.get("pruning_samples", 0) for r in result.replies))
+        samples = int(sum(r.metrics.get("pruning_samples", 0) for r in result.replies))
+        refresh = self._refreshes(state, result.server_round)
+        macs = state["report"].get("macs") or {}
+        counters["train_samples"] += samples
+        counters["flops"] = {k: v + 6 * samples * macs.get("dense" if refresh else k, 0)
+                             for k, v in counters["flops"].items()}
         new["seen"] = {**state["seen"], **{str(r.cid): state["mask_id"] for r in result.replies}}
         new["counters"] = counters
+        if refresh:
+            return self._refreshed(new, result)
         params = result.params
         if state["mask"] and any(np.any(params[k][~m]) for k, m in state["mask"].items()):
             params = autoflip.apply_mask(params, state["mask"])       # the random baseline's θ⁰ ⊙ M (round 1)
@@ -168,7 +194,7 @@ class PruningServer(ServerPlugin):
         weights = {r.cid: float(r.weight) for r in result.replies} if self.weighting == "num_examples" else None
         guidance = autoflip.normalize(autoflip.merge_deviations(deviations, weights), self.normalization)
         built = self.build_mask(guidance)
-        new.update(self._with_mask(built.mask, built.structured, built.removed_units))
+        new.update(self._with_mask(built.mask, built.structured, built.removed_units, 1))
         explored = {str(r.cid): {"epochs": int(r.metrics.get("explore_epochs", 0)),
                                  "warmup_epochs": int(r.metrics.get("explore_warmup_epochs", 0)),
                                  "examples": int(r.metrics.get("explore_examples", 0))} for r in result.replies}
@@ -177,6 +203,21 @@ class PruningServer(ServerPlugin):
         params = autoflip.apply_mask(result.params_before, new["mask"])
         return PluginUpdate(new, params=params, basis_changed=True)
 
+    def _refreshed(self, new: dict, result: RoundResult) -> PluginUpdate:
+        """A refresh round: the mask rebuilt from ``Σ p_k Δ_k²`` of the replies' dense updates."""
+        before = result.params_before
+        deviations = {r.cid: autoflip.squared_deviations({k: r.model[k] for k in self.trainable},
+                                                         {k: before[k] for k in self.trainable})
+                      for r in result.replies}
+        weights = {r.cid: float(r.weight) for r in result.replies}
+        built = self.build_mask(autoflip.normalize(autoflip.merge_deviations(deviations, weights), self.normalization))
+        old = new["mask"]
+        new.update(self._with_mask(built.mask, built.structured, built.removed_units, new["mask_id"] + 1))
+        flipped = sum(int(np.count_nonzero(old[k] != m)) for k, m in new["mask"].items())
+        new["refreshes"] = [*new["refreshes"], {"round": result.server_round, "mask_id": new["mask_id"],
+                                                "entries_changed": flipped, "digest": new["report"]["digest"]}]
+        return PluginUpdate(new, params=autoflip.apply_mask(result.params, new["mask"]), basis_changed=True)
+
     # -- read-outs
     def metrics(self, state: dict) -> dict[str, float]:
         return {"sparsity": state["report"]["sparsity"], "mask_id": state["mask_id"]} if state["mask"] else {}
@@ -184,18 +225,18 @@ class PruningServer(ServerPlugin):
     def files(self, state: dict) -> dict[str, Any]:
         doc = {"kind": self.kind, "mask_id": state["mask_id"], "explored": state["explored"], **state["report"],
                "exploration": {"explorers": self.explorers, "clients": state["exploration"]},
-               "counters": state["counters"]}
+               "refresh_every": self.refresh_every, "refreshes": state["refreshes"], "counters": state["counters"]}
         return {"pruning.json": doc}
 
     def summary(self, state: dict, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         if not state["mask"]:
             return {}
-        macs, c = state["report"]["macs"], state["counters"]
-        dense = 6.0 * macs["dense"] * c["train_samples"]
-        explore = 6.0 * macs["dense"] * c["explore_samples"]
+        flops, c = state["counters"]["flops"], state["counters"]
+        dense = flops["dense"]
+        explore = 6.0 * state["report"]["macs"]["dense"] * c["explore_samples"]
         out: dict[str, Any] = {"sparsity": state["report"]["sparsity"]}
         for key, which in (("flops_ratio", "theoretical"), ("flops_ratio_structured", "structured")):
-            pruned = 6.0 * macs[which] * c["train_samples"]
+            pruned = flops[which]
             out[key] = pruned / dense if dense else None
             out[f"{key}_with_exploration"] = (pruned + explore) / dense if dense else None
         train = [r for r in rows if r.get("round", 0) >= 1]
@@ -256,8 +297,10 @@ class _ExploreRound(ClientRound):
 
 
 class _MaskedRound(ClientRound):
-    def __init__(self, mask: Named, state: dict):
-        self.mask, self.state = mask, state
+    """A training round on the mask; ``dense``: a refresh round (start masked, train and send dense)."""
+
+    def __init__(self, mask: Named, state: dict, dense: bool = False):
+        self.mask, self.state, self.dense = mask, state, dense
         self.masks: dict[str, torch.Tensor] = {}
         self.samples = 0
 
@@ -272,19 +315,22 @@ class _MaskedRound(ClientRound):
         run.loss_fn = counted
 
     def after_backward(self, run: LocalRun) -> None:
-        autoflip.mask_grad_samples_(run.trainable(), self.masks)   # DP: before clipping (no-op otherwise)
+        if not self.dense:
+            autoflip.mask_grad_samples_(run.trainable(), self.masks)   # DP: before clipping (no-op otherwise)
 
     def before_step(self, run: LocalRun) -> None:
-        autoflip.mask_grads_(run.grads(), self.masks)     # after every other hook (DP: after the noise)
+        if not self.dense:
+            autoflip.mask_grads_(run.grads(), self.masks)     # after every other hook (DP: after the noise)
 
     def after_step(self, run: LocalRun, skipped: bool) -> None:
-        if not skipped:
+        if not skipped and not self.dense:
             params = run.trainable()
             autoflip.mask_params_(params, self.masks)
             autoflip.mask_optimizer_state_(run.optimizer, params, self.masks)
 
     def finish(self, run: LocalRun, model: Named) -> ClientResult:
-        upload = {k: (np.ascontiguousarray(v[self.mask[k]]) if k in self.mask else v) for k, v in model.items()}
+        upload = model if self.dense else \
+            {k: (np.ascontiguousarray(v[self.mask[k]]) if k in self.mask else v) for k, v in model.items()}
         return ClientResult(metrics={"pruning_samples": self.samples}, state=self.state, model=upload)
 
 
@@ -341,4 +387,4 @@ class PruningClient(ClientPlugin):
         mask, keep = self._cached(downlink, state)
         if mask is None:
             raise RuntimeError("a pruning training round came without a mask id")
-        return _MaskedRound(mask, keep)
+        return _MaskedRound(mask, keep, dense=bool(downlink.scalars.get("refresh", 0)))

@@ -77,7 +77,7 @@ class ScaffoldServer(ServerPlugin):
     def downlink(self, state: Named, server_round: int) -> Payload:
         return Payload(arrays={"c": {k: v.astype(np.float32) for k, v in state.items()}})
 
-    def uplink(self, state: Named, phase: str, model_specs: dict[str, ArraySpec]):
+    def uplink(self, state: Named, server_round: int, phase: str, model_specs: dict[str, ArraySpec]):
         return model_specs, {"delta_c": {k: ArraySpec(v.shape, np.dtype(np.float32)) for k, v in state.items()}}
 
     def aggregate(self, state: Named, result: RoundResult) -> PluginUpdate:

@@ -15,7 +15,7 @@ plus a list of :class:`ServerPlugin` s. A plugin overrides only the hooks its al
   ``downlink_client(state, round, cid)``: what only one client gets (a mask it has not seen);
 - ``downlink_model(state, phase, model_specs)``: how the model travels down (dense, or only the
   kept entries of a mask the client holds: sparse communication);
-- ``uplink(state, phase, model_specs)``: what a valid reply must contain — which model arrays
+- ``uplink(state, round, phase, model_specs)``: what a valid reply must contain — which model arrays
   come back and how (dense, or only the kept entries of a mask: :class:`ArraySpec`), and the
   plugin's own arrays (SCAFFOLD's ``delta_c``);
 - ``mask(state)``: entries of the global arrays that must stay exactly 0 (pruned weights): the
@@ -200,7 +200,7 @@ class ServerPlugin:
         the kept entries of a mask the client already holds (its client side decodes them)."""
         return model_specs
 
-    def uplink(self, state: Any, phase: str,
+    def uplink(self, state: Any, server_round: int, phase: str,
                model_specs: dict[str, ArraySpec]) -> tuple[dict[str, ArraySpec], dict[str, dict[str, ArraySpec]]]:
         """What a reply must contain: the model arrays (given: what earlier plugins expect) and
         this plugin's own array groups."""
@@ -322,7 +322,7 @@ class Server:
             pstate = state["plugins"][p.name]
             _merge(plan.scalars, plan.arrays, p.name, p.downlink(pstate, server_round))
             plan.down_spec = p.downlink_model(pstate, phase, plan.down_spec)
-            plan.model_spec, groups = p.uplink(pstate, phase, plan.model_spec)
+            plan.model_spec, groups = p.uplink(pstate, server_round, phase, plan.model_spec)
             for g, spec in groups.items():
                 plan.group_specs[record_name(p.name, g)] = spec
                 plan.plugin_of[record_name(p.name, g)] = (p.name, g)

@@ -289,7 +289,8 @@ class Pruning(Section):
     exclude: list[str] = Field(default_factory=list)
     selection: Literal["exact_rank", "quantile_gt"] = "exact_rank"
     start_from: Literal["initial"] = "initial"
-    mask_update: Literal["static"] = "static"
+    mask_update: Literal["static", "every_k_rounds"] = "static"
+    mask_update_every: PositiveInt | None = None           # k of every_k_rounds: rounds k, 2k, ... rebuild the mask
 
     @model_validator(mode="after")
     def _check(self) -> "Pruning":
@@ -297,6 +298,15 @@ class Pruning(Section):
             raise ValueError("structured_sparsity: the random-mask baseline is unstructured; leave it unset")
         if self.explorers is not None and self.explorer_fraction is not None:
             raise ValueError(either_or_message("explorers", "explorer_fraction"))
+        if self.mask_update == "every_k_rounds":
+            if self.kind != "autoflip":
+                raise ValueError("mask_update: every_k_rounds rebuilds AutoFLIP's mask from the clients' updates; "
+                                 "the random baseline's mask is static")
+            if self.mask_update_every is None:
+                raise ValueError("mask_update: every_k_rounds needs mask_update_every: k (the mask is rebuilt "
+                                 "in rounds k, 2k, ...)")
+        elif self.mask_update_every is not None:
+            raise ValueError("mask_update_every: applies to mask_update: every_k_rounds only")
         return self
 
 

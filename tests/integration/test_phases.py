@@ -32,7 +32,7 @@ class ExploreServer(ServerPlugin):
     def sample(self, state, server_round):
         return [0, 2, 4]
 
-    def uplink(self, state, phase, specs):
+    def uplink(self, state, server_round, phase, specs):
         return specs, ({"dev": {"sq": ArraySpec((1,), np.dtype(np.float32))}} if phase == "explore" else {})
 
     def aggregate(self, state, result):

@@ -144,6 +144,78 @@ def test_bitmap_only_when_the_client_lacks_the_mask():
     assert "pruning.bitmap" in server.client_downlink(state, server.plan(state, 2, params), 3).arrays
 
 
+def test_mask_refresh_rebuilds_from_the_round_updates():
+    """``mask_update: every_k_rounds`` on the server contract: a refresh round asks for dense uploads,
+    rebuilds the mask from the updates' squared deviations (entries that moved most are kept, a
+    pruned one included: revived at 0), masks the new model, bumps mask_id and the basis id, and
+    sends the new bitmap to clients that held the old one. Catches a refresh that keeps the old mask,
+    reads sparse (masked) uploads so that pruned entries can never come back, or leaves the
+    clients' cached mask (and DiceSGD's error basis) stale."""
+    from fedsim.builder import build
+    from fedsim.core.server import ClientUpdate
+    from fedsim.federation import Federation
+
+    scn = parse_scenario(BASE + f"pruning: {{sparsity: 0.5, structured_sparsity: 0.0, mask_update: every_k_rounds, "
+                                f"mask_update_every: 2, {EXPLORE}}}\n")
+    fed = Federation(scn)
+    server = build(scn, fed).server
+    params, names = fed.initial_arrays(), fed.trainable_names()
+    state = server.init(params)
+    rng = np.random.default_rng(0)
+    plan = server.plan(state, 0, params)
+    explored = [ClientUpdate(c, 10.0, {}, groups={"pruning": {"deviation": {k: rng.random(params[k].shape, np.float32)
+                                                                                 for k in names}}}) for c in plan.cohort]
+    params, state, _ = server.aggregate(state, plan, params, explored)
+    mask = state["plugins"]["pruning"]["mask"]
+    plan = server.plan(state, 1, params)
+    assert plan.model_spec["net.1.weight"].kept is not None and plan.scalars["pruning.refresh"] == 0
+
+    plan = server.plan(state, 2, params)
+    assert plan.model_spec["net.1.weight"].kept is None, "a refresh round needs dense uploads"
+    assert plan.scalars["pruning.refresh"] == 1
+    w = "net.1.weight"
+    revive = np.zeros_like(mask[w])
+    revive[np.argwhere(~mask[w])[0][0], np.argwhere(~mask[w])[0][1]] = True       # one pruned entry moves a lot
+    def model(c):
+        out = {k: v + 1e-3 * rng.random(v.shape).astype(v.dtype) for k, v in params.items()}
+        out[w] = out[w] + 10.0 * revive
+        return out
+    replies = [ClientUpdate(c, 10.0, model(c), metrics={"pruning_samples": 10}) for c in (0, 1, 2)]
+    basis = state["basis_id"]
+    new_params, state, _ = server.aggregate(state, plan, params, replies)
+    ps = state["plugins"]["pruning"]
+    assert ps["mask_id"] == 2 and state["basis_id"] == basis + 1
+    assert ps["mask"][w][revive].all(), "the entry that moved most was not revived"
+    assert new_params[w][revive].item() == 0.0, "a revived entry must start at 0"
+    assert all(not new_params[k][~ps["mask"][k]].any() for k in names)
+    assert ps["refreshes"][0]["round"] == 2 and ps["refreshes"][0]["entries_changed"] >= 2
+    weights = sum(m.size for m in ps["mask"].values() if m.ndim >= 2)                 # maskable: weights
+    assert sum(int((~m).sum()) for m in ps["mask"].values()) == weights // 2           # exact sparsity again
+    assert "pruning.bitmap" in server.client_downlink(state, server.plan(state, 3, new_params), 0).arrays
+
+
+def test_mask_refresh_through_the_engine(tmp_path):
+    """Refresh rounds on the engine: rounds 2 and 4 rebuild the mask (mask_id 1 -> 3), their uploads
+    are dense on the wire and their FLOPs count dense; the sparsity stays exact. Catches a
+    ``refresh`` scalar that the client ignores (a sparse upload the server rejects: no replies)."""
+    run = _run(tmp_path, "refresh", f"federation: {{rounds: 4, clients_per_round: 3, local: {{epochs: 1, "
+                                    f"batch_size: 16, lr: 0.1}}}}\n"
+                                    f"pruning: {{sparsity: 0.4, mask_update: every_k_rounds, mask_update_every: 2, "
+                                    f"{EXPLORE}}}\n")
+    doc = read_json(run / "pruning.json")
+    assert [r["round"] for r in doc["refreshes"]] == [2, 4] and doc["mask_id"] == 3
+    rows = {r["round"]: r for r in read_metrics(run)}
+    assert all(rows[t]["clients"] == 3 and rows[t]["rejected"] == 0 for t in (1, 2, 3, 4))
+    for t in (2, 4):
+        assert rows[t]["bytes_up"] == rows[t]["bytes_up_dense"]
+    for t in (1, 3):
+        assert rows[t]["bytes_up"] < rows[t]["bytes_up_dense"]
+    s = read_json(run / "summary.json")
+    masked_share = doc["macs"]["theoretical"] / doc["macs"]["dense"]
+    assert masked_share < s["flops_ratio"] < 1                      # two of four rounds at dense cost
+    assert [r["mask_id"] for r in read_metrics(run) if r["round"] >= 1] == [1, 2, 2, 3]
+
+
 class Crash(Exception):
     """Stands for the process being killed."""
 
@@ -202,6 +274,8 @@ def test_random_baseline_masks_from_round_one(tmp_path):
     assert not doc["exploration"]["explorers"] and [r["round"] for r in read_metrics(run)] == [1, 2, 3]
     zeros = int(np.count_nonzero(model["net.1.weight"] == 0) + np.count_nonzero(model["net.3.weight"] == 0))
     assert zeros >= weights // 2
+    s = read_json(run / "summary.json")     # unstructured: dense kernels realise nothing (was the theoretical ratio)
+    assert s["flops_ratio"] < 0.6 and s["flops_ratio_structured"] == 1.0
 
 
 @pytest.mark.integration
@@ -220,6 +294,9 @@ def test_workers_engine_matches_inprocess(tmp_path):
     ("pruning: {kind: random, structured_sparsity: 0.2}\n", "random-mask baseline is unstructured"),
     ("pruning: {sparsity: 1.0}\n", "pruning.sparsity"),
     ("pruning: {explorers: 2, explorer_fraction: 0.5}\n", "give either explorers or explorer_fraction"),
+    ("pruning: {mask_update: every_k_rounds}\n", "needs mask_update_every"),
+    ("pruning: {mask_update_every: 3}\n", "applies to mask_update: every_k_rounds only"),
+    ("pruning: {kind: random, mask_update: every_k_rounds, mask_update_every: 2}\n", "random baseline's mask is static"),
 ])
 def test_pruning_scenario_guards(extra, message):
     with pytest.raises(ScenarioError) as info:

@@ -90,7 +90,7 @@ def test_a_claimed_phase_end_to_end_through_the_real_client_handler(tmp_path, ti
         def phase(self, state, server_round):
             return "explore" if server_round == 1 else None
 
-        def uplink(self, state, phase, specs):
+        def uplink(self, state, server_round, phase, specs):
             return specs, ({"dev": {"n": ArraySpec((1,), np.dtype(np.float32))}} if phase == "explore" else {})
 
         def aggregate(self, state, result):

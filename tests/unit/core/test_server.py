@@ -27,7 +27,7 @@ class Masker(ServerPlugin):
     def downlink(self, state, server_round):
         return Payload({"mask": {"w": state["mask"]}}, {"mask_id": state["mask_id"]})
 
-    def uplink(self, state, phase, model_specs):
+    def uplink(self, state, server_round, phase, model_specs):
         w = model_specs["w"]
         return {**model_specs, "w": ArraySpec(w.shape, w.dtype, kept=state["mask"])}, \
             {"scores": {"w": ArraySpec((2, 2), np.dtype(np.float32))}}
@@ -45,7 +45,7 @@ class Explorer(ServerPlugin):
     def phase(self, state, server_round):
         return "explore" if server_round == 1 else None
 
-    def uplink(self, state, phase, model_specs):
+    def uplink(self, state, server_round, phase, model_specs):
         return (model_specs, {"dev": {"w": ArraySpec((2, 2), np.dtype(np.float32))}}) if phase == "explore" \
             else (model_specs, {})
 
