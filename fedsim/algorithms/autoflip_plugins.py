@@ -54,6 +54,8 @@ from fedsim.core.server import TRAIN, ArraySpec, Payload, PluginUpdate, RoundRes
 
 #: The phase of the exploration stage (round 0).
 EXPLORE = "explore"
+#: Training FLOPs per forward MAC and sample: 2 FLOPs per MAC, forward + backward = 3 x forward (spec 2.4).
+TRAIN_FLOPS_PER_MAC = 6
 
 
 # ------------------------------------------------------------------------------- the bitmap
@@ -126,6 +128,11 @@ class PruningServer(ServerPlugin):
                   "digest": autoflip.mask_digest(kept), "macs": self.macs(kept, structured)}
         return {"mask": kept, "mask_id": mask_id, "report": report}
 
+    def _rebuilt(self, deviations: Mapping[int, Named], weights: Mapping[int, float] | None, mask_id: int) -> dict:
+        """The mask from clients' squared deviations: merged, normalised per tensor, the hybrid rule."""
+        built = self.build_mask(autoflip.normalize(autoflip.merge_deviations(deviations, weights), self.normalization))
+        return self._with_mask(built.mask, built.structured, built.removed_units, mask_id)
+
     def _refreshes(self, state: dict, server_round: int) -> bool:
         return bool(self.refresh_every and state["mask"] and server_round >= 1
                     and server_round % self.refresh_every == 0)
@@ -175,7 +182,7 @@ class PruningServer(ServerPlugin):
         refresh = self._refreshes(state, result.server_round)
         macs = state["report"].get("macs") or {}
         counters["train_samples"] += samples
-        counters["flops"] = {k: v + 6 * samples * macs.get("dense" if refresh else k, 0)
+        counters["flops"] = {k: v + TRAIN_FLOPS_PER_MAC * samples * macs.get("dense" if refresh else k, 0)
                              for k, v in counters["flops"].items()}
         new["seen"] = {**state["seen"], **{str(r.cid): state["mask_id"] for r in result.replies}}
         new["counters"] = counters
@@ -192,9 +199,7 @@ class PruningServer(ServerPlugin):
             raise RuntimeError("no explorer replied in the exploration stage; nothing to build a mask from")
         deviations = {r.cid: r.groups[self.name]["deviation"] for r in result.replies}
         weights = {r.cid: float(r.weight) for r in result.replies} if self.weighting == "num_examples" else None
-        guidance = autoflip.normalize(autoflip.merge_deviations(deviations, weights), self.normalization)
-        built = self.build_mask(guidance)
-        new.update(self._with_mask(built.mask, built.structured, built.removed_units, 1))
+        new.update(self._rebuilt(deviations, weights, 1))
         explored = {str(r.cid): {"epochs": int(r.metrics.get("explore_epochs", 0)),
                                  "warmup_epochs": int(r.metrics.get("explore_warmup_epochs", 0)),
                                  "examples": int(r.metrics.get("explore_examples", 0))} for r in result.replies}
@@ -210,9 +215,8 @@ class PruningServer(ServerPlugin):
                                                          {k: before[k] for k in self.trainable})
                       for r in result.replies}
         weights = {r.cid: float(r.weight) for r in result.replies}
-        built = self.build_mask(autoflip.normalize(autoflip.merge_deviations(deviations, weights), self.normalization))
         old = new["mask"]
-        new.update(self._with_mask(built.mask, built.structured, built.removed_units, new["mask_id"] + 1))
+        new.update(self._rebuilt(deviations, weights, new["mask_id"] + 1))
         flipped = sum(int(np.count_nonzero(old[k] != m)) for k, m in new["mask"].items())
         new["refreshes"] = [*new["refreshes"], {"round": result.server_round, "mask_id": new["mask_id"],
                                                 "entries_changed": flipped, "digest": new["report"]["digest"]}]
@@ -233,7 +237,7 @@ class PruningServer(ServerPlugin):
             return {}
         flops, c = state["counters"]["flops"], state["counters"]
         dense = flops["dense"]
-        explore = 6.0 * state["report"]["macs"]["dense"] * c["explore_samples"]
+        explore = TRAIN_FLOPS_PER_MAC * state["report"]["macs"]["dense"] * c["explore_samples"]
         out: dict[str, Any] = {"sparsity": state["report"]["sparsity"]}
         for key, which in (("flops_ratio", "theoretical"), ("flops_ratio_structured", "structured")):
             pruned = flops[which]
