@@ -94,3 +94,24 @@ def test_dp_ledger_accumulates_across_rounds_on_flower(tmp_path, tiny_yaml):
     for cid, c in pb.items():                   # 3 local steps per round, summed over the rounds it trained
         assert sum(e["steps"] for e in c["events"]) == 3 * rounds_trained[cid]
         assert max(r["dp_steps_total"] for r in rows if r["client_id"] == int(cid)) == 3 * rounds_trained[cid]
+
+
+def test_autoflip_with_a_refresh_on_flower(tmp_path, tiny_yaml):
+    """AutoFLIP through SuperLink/SuperNodes: the exploration stage (round 0), sparse masked rounds
+    with the bitmap cached in Flower's per-node context state, and a refresh round (round 2: dense
+    upload, new mask) give the in-process run's model, mask and refreshes. Catches a bitmap cache
+    that does not survive between Flower rounds (the client would fail on a mask it lacks) and a
+    reply contract (sparse vs dense) that the Flower path encodes differently."""
+    from fedsim.results import read_json, read_metrics
+
+    text = tiny_yaml + ("pruning: {sparsity: 0.4, mask_update: every_k_rounds, mask_update_every: 2, "
+                        "explore_epochs: 2, patience: 2, explore_batch_size: 16, explore_lr: 0.01}\n")
+    run_scenario(parse_scenario(text + "engine: {kind: inprocess}\n"), tmp_path / "a", progress="none")
+    run_scenario(parse_scenario(text + "engine: {kind: flower, supernodes: 2}\n"), tmp_path / "b", progress="none")
+    a, b = load_file(str(tmp_path / "a/model.safetensors")), load_file(str(tmp_path / "b/model.safetensors"))
+    assert max(float(np.abs(a[k] - b[k]).max()) for k in a) <= 1e-6
+    pa, pb = read_json(tmp_path / "a/pruning.json"), read_json(tmp_path / "b/pruning.json")
+    assert pb["digest"] == pa["digest"] and pb["refreshes"] == pa["refreshes"] and pb["mask_id"] == 2
+    rows = {r["round"]: r for r in read_metrics(tmp_path / "b")}
+    assert [rows[t]["clients"] for t in (1, 2, 3)] == [3, 3, 3] and not any(rows[t]["rejected"] for t in rows)
+    assert rows[1]["bytes_up"] < rows[1]["bytes_up_dense"] and rows[2]["bytes_up"] == rows[2]["bytes_up_dense"]

@@ -280,12 +280,46 @@ def test_random_baseline_masks_from_round_one(tmp_path):
 
 @pytest.mark.integration
 def test_workers_engine_matches_inprocess(tmp_path):
-    """Exploration in worker processes and masked training give the in-process model exactly."""
-    extra = f"pruning: {{sparsity: 0.3, {EXPLORE}}}\n"
+    """Exploration in worker processes, masked training and a refresh round (round 2: dense training
+    and upload, a new mask) give the in-process model and mask exactly. Catches worker-side state
+    (the cached bitmap, the refresh flag) that differs from the in-process client's."""
+    extra = f"pruning: {{sparsity: 0.3, mask_update: every_k_rounds, mask_update_every: 2, {EXPLORE}}}\n"
     a = _run(tmp_path, "a", extra)
     b = _run(tmp_path, "b", extra + "engine: {kind: workers, workers: 2}\n")
     ma, mb = _model(a), _model(b)
     assert all(np.array_equal(ma[k], mb[k]) for k in ma)
+    pa, pb = read_json(a / "pruning.json"), read_json(b / "pruning.json")
+    assert [r["round"] for r in pb["refreshes"]] == [2] and pa["refreshes"] == pb["refreshes"]
+    assert pa["digest"] == pb["digest"]
+
+
+def test_dicesgd_error_resets_when_a_refresh_changes_the_mask(tmp_path, monkeypatch):
+    """DiceSGD with persist_error under a mask refresh in round 2 (every client in every round): the
+    stored error feedback is used in round 2 (same mask as round 1), dropped in round 3 (the
+    refresh changed the mask and the basis id) and used again in round 4. Catches a refresh that
+    does not bump the basis id (stale error of the old mask fed into the new one) and an error
+    state that never persists."""
+    from fedsim.privacy import plugins
+
+    seen: dict[int, list[bool]] = {}
+    begin = plugins.RecordLevelClient.begin
+
+    def spy(self, run, downlink, state):
+        round_ = begin(self, run, downlink, state)
+        if run.server_round >= 1:
+            seen.setdefault(run.server_round, []).append(round_.error is not None)
+        return round_
+
+    monkeypatch.setattr(plugins.RecordLevelClient, "begin", spy)
+    run = _run(tmp_path, "dice", "federation: {rounds: 4, clients_per_round: 6, local: {epochs: 1, batch_size: 16, "
+                                 "lr: 0.1}}\n"
+                                 f"pruning: {{sparsity: 0.4, mask_update: every_k_rounds, mask_update_every: 2, "
+                                 f"{EXPLORE}}}\n"
+                                 "privacy: {mechanism: dicesgd, noise_multiplier: 1.0, persist_error: true, "
+                                 "accountant: rdp, delta: 1.0e-3}\n")
+    assert [r["round"] for r in read_json(run / "pruning.json")["refreshes"]] == [2, 4]
+    assert {t: set(v) for t, v in seen.items()} == {1: {False}, 2: {True}, 3: {False}, 4: {True}}
+    assert all(len(v) == 6 for v in seen.values())
 
 
 @pytest.mark.parametrize("extra,message", [
