@@ -273,7 +273,8 @@ def _pruning(cfg: Any, fed: Federation) -> Parts:
         "pruning", kind=cfg.kind, shapes=shapes, dtypes={k: v.dtype for k, v in arrays.items()}, trainable=trainable,
         mask_names=trainable, build_mask=build_mask, random_mask=random_mask,
         explorers=_explorers(cfg, fed) if cfg.kind == "autoflip" else [], normalization=cfg.normalization,
-        weighting=cfg.explore_weighting, macs=macs, refresh_every=cfg.mask_update_every or 0)
+        weighting=cfg.explore_weighting, macs=macs, refresh_every=cfg.mask_update_every or 0,
+        start_from=cfg.start_from)
     client = autoflip_plugins.PruningClient(
         "pruning", mask_shapes=mask_shapes, explore_epochs=cfg.explore_epochs, patience=cfg.patience,
         warmup_epochs=cfg.warmup_epochs, explore_optimizer=cfg.explore_optimizer, explore_lr=cfg.explore_lr,

@@ -7,6 +7,8 @@ Server (:class:`PruningServer`):
   run seed) get the dense initial model, train a private copy and send back only their squared
   deviations. The server merges them, normalises per tensor, builds the hybrid mask, sets
   ``θ¹ = θ⁰ ⊙ M`` and bumps the basis id (DiceSGD-style client state tied to the basis resets).
+  ``start_from: explored`` (the reference code's behaviour, compat): the explorers also send their
+  explored models and ``θ¹ = (Σ w_k θ_k) ⊙ M`` with the deviations' weights ``w_k``.
   Exploration is part of the server state, so a resumed run never explores again.
 - ``kind: random`` (the baseline) builds a seeded uniform random mask at the same exact sparsity
   when the run starts; no exploration.
@@ -92,12 +94,14 @@ class PruningServer(ServerPlugin):
         normalization, weighting: how deviations are merged (``minmax``/``robust``, ``uniform``/``num_examples``).
         macs: ``(mask, structured) -> {"dense", "theoretical", "structured"}`` per-sample forward MACs.
         refresh_every: rebuild the mask every this many training rounds (0: a static mask).
+        start_from: ``initial`` (θ¹ = θ⁰ ⊙ M) or ``explored`` (θ¹ = the explorers' weighted mean ⊙ M).
     """
 
     def __init__(self, name: str, *, kind: str, shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, np.dtype],
                  trainable: Sequence[str], mask_names: Sequence[str], build_mask: Callable[[Named], Any] | None,
                  random_mask: Callable[[], Named] | None, explorers: Sequence[int], normalization: str,
-                 weighting: str, macs: Callable[[Named, Named], dict[str, int]], refresh_every: int = 0):
+                 weighting: str, macs: Callable[[Named, Named], dict[str, int]], refresh_every: int = 0,
+                 start_from: str = "initial"):
         if refresh_every and kind != "autoflip":
             raise ValueError("a mask refresh rebuilds AutoFLIP's mask from the clients' updates; "
                              "the random baseline's mask is static")
@@ -107,6 +111,9 @@ class PruningServer(ServerPlugin):
         self.build_mask, self.random_mask, self.explorers = build_mask, random_mask, sorted(explorers)
         self.normalization, self.weighting, self.macs = normalization, weighting, macs
         self.refresh_every = int(refresh_every)
+        if start_from not in ("initial", "explored") or (start_from == "explored" and kind != "autoflip"):
+            raise ValueError(f"start_from: {start_from!r} (initial, or explored for kind autoflip)")
+        self.start_from = start_from
 
     # -- state
     def init(self, params: Named) -> dict:
@@ -146,7 +153,7 @@ class PruningServer(ServerPlugin):
     # -- messages
     def downlink(self, state: dict, server_round: int) -> Payload:
         if not state["mask_id"]:
-            return Payload()
+            return Payload(scalars={"send_explored": 1} if self.start_from == "explored" else {})
         return Payload(scalars={"mask_id": state["mask_id"], "refresh": int(self._refreshes(state, server_round))})
 
     def downlink_client(self, state: dict, server_round: int, cid: int) -> Payload:
@@ -165,7 +172,9 @@ class PruningServer(ServerPlugin):
 
     def uplink(self, state: dict, server_round: int, phase: str, model_specs: dict[str, ArraySpec]):
         if phase == EXPLORE:
-            return {}, {"deviation": {k: ArraySpec(self.shapes[k], np.dtype(np.float32)) for k in self.trainable}}
+            explored = {k: ArraySpec(s, np.dtype(self.dtypes[k])) for k, s in self.shapes.items()} \
+                if self.start_from == "explored" else {}            # a claimed phase expects no model by default
+            return explored, {"deviation": {k: ArraySpec(self.shapes[k], np.dtype(np.float32)) for k in self.trainable}}
         dense = not state["mask"] or self._refreshes(state, server_round)   # a refresh round's clients train dense
         return (model_specs if dense else self._sparse(state, model_specs)), {}
 
@@ -205,7 +214,11 @@ class PruningServer(ServerPlugin):
                                  "examples": int(r.metrics.get("explore_examples", 0))} for r in result.replies}
         counters["explore_samples"] = sum((e["epochs"] + e["warmup_epochs"]) * e["examples"] for e in explored.values())
         new.update(explored=True, exploration=explored, counters=counters)
-        params = autoflip.apply_mask(result.params_before, new["mask"])
+        start = result.params_before
+        if self.start_from == "explored":
+            mean = autoflip.merge_deviations({r.cid: r.model for r in result.replies}, weights)  # a weighted mean
+            start = {k: mean[k].astype(v.dtype) if k in mean else v for k, v in start.items()}
+        params = autoflip.apply_mask(start, new["mask"])
         return PluginUpdate(new, params=params, basis_changed=True)
 
     def _refreshed(self, new: dict, result: RoundResult) -> PluginUpdate:
@@ -261,10 +274,11 @@ class _ExploreRound(ClientRound):
     as the batch source, the explorer's optimizer and learning rate, θ_base snapshotted when the
     warm-up ends, ``D_k = (θ_k − θ_base)²`` up."""
 
-    def __init__(self, plugin: "PruningClient", run: LocalRun):
+    def __init__(self, plugin: "PruningClient", run: LocalRun, send_explored: bool = False):
         from fedsim.train import ShuffledBatches, make_optimizer
 
         p = self.plugin = plugin
+        self.send_explored = send_explored              # start_from: explored: θ_k goes up too
         x, y = run.data
         generator = run.generator("explore")            # its own stream: training's stay FedAvg's (A4)
         self.base: dict[str, torch.Tensor] = {}
@@ -297,7 +311,7 @@ class _ExploreRound(ClientRound):
                             metrics={"explore_epochs": self.schedule.epochs_run,
                                      "explore_warmup_epochs": self.plugin.warmup_epochs,
                                      "explore_examples": run.num_examples},
-                            model={})
+                            model=model if self.send_explored else {})
 
 
 class _MaskedRound(ClientRound):
@@ -387,7 +401,7 @@ class PruningClient(ClientPlugin):
 
     def begin(self, run: LocalRun, downlink: Payload, state: Any) -> ClientRound:
         if run.phase == EXPLORE:
-            return _ExploreRound(self, run)
+            return _ExploreRound(self, run, send_explored=bool(downlink.scalars.get("send_explored", 0)))
         mask, keep = self._cached(downlink, state)
         if mask is None:
             raise RuntimeError("a pruning training round came without a mask id")

@@ -288,7 +288,7 @@ class Pruning(Section):
     maskable: Literal["weights", "all"] = "weights"
     exclude: list[str] = Field(default_factory=list)
     selection: Literal["exact_rank", "quantile_gt"] = "exact_rank"
-    start_from: Literal["initial"] = "initial"
+    start_from: Literal["initial", "explored"] = "initial"     # explored (compat): θ¹ = Σ w_k θ_k of the explorers
     mask_update: Literal["static", "every_k_rounds"] = "static"
     mask_update_every: PositiveInt | None = None           # k of every_k_rounds: rounds k, 2k, ... rebuild the mask
 
@@ -298,6 +298,9 @@ class Pruning(Section):
             raise ValueError("structured_sparsity: the random-mask baseline is unstructured; leave it unset")
         if self.explorers is not None and self.explorer_fraction is not None:
             raise ValueError(either_or_message("explorers", "explorer_fraction"))
+        if self.start_from == "explored" and self.kind != "autoflip":
+            raise ValueError("start_from: explored starts from the explorers' models; the random baseline "
+                             "does not explore")
         if self.mask_update == "every_k_rounds":
             if self.kind != "autoflip":
                 raise ValueError("mask_update: every_k_rounds rebuilds AutoFLIP's mask from the clients' updates; "

@@ -194,6 +194,54 @@ def test_mask_refresh_rebuilds_from_the_round_updates():
     assert "pruning.bitmap" in server.client_downlink(state, server.plan(state, 3, new_params), 0).arrays
 
 
+def test_start_from_explored_is_the_explorers_mean_under_the_mask():
+    """``start_from: explored`` (compat) on the server contract: round 0 asks the explorers for their
+    models as well as their deviations, and θ¹ is the explorers' weighted mean (n_k with
+    ``explore_weighting: num_examples``) under the mask. Catches θ⁰ kept (the default's start),
+    uniform weights where n_k were asked for, and a start point left unmasked."""
+    from fedsim.builder import build
+    from fedsim.core.server import ClientUpdate
+    from fedsim.federation import Federation
+
+    scn = parse_scenario(BASE + f"pruning: {{sparsity: 0.5, start_from: explored, explore_weighting: num_examples, "
+                                f"{EXPLORE}}}\n")
+    fed = Federation(scn)
+    server = build(scn, fed).server
+    params, names = fed.initial_arrays(), fed.trainable_names()
+    state = server.init(params)
+    plan = server.plan(state, 0, params)
+    assert plan.scalars["pruning.send_explored"] == 1 and set(plan.model_spec) == set(params)
+    rng = np.random.default_rng(1)
+    models = {c: {k: rng.normal(size=v.shape).astype(v.dtype) for k, v in params.items()} for c in plan.cohort}
+    sizes = {c: 10.0 * (i + 1) for i, c in enumerate(plan.cohort)}
+    replies = [ClientUpdate(c, sizes[c], models[c], groups={"pruning": {"deviation": {
+        k: rng.random(params[k].shape, np.float32) for k in names}}}) for c in plan.cohort]
+    start, state, _ = server.aggregate(state, plan, params, replies)
+    mask = state["plugins"]["pruning"]["mask"]
+    total = sum(sizes.values())
+    for k in names:
+        mean = sum(models[c][k].astype(np.float64) * sizes[c] / total for c in plan.cohort)
+        np.testing.assert_allclose(start[k], np.where(mask[k], mean, 0.0), rtol=1e-5, atol=1e-6)
+
+
+def test_start_from_explored_through_the_engine(tmp_path):
+    """The compat start on the engine: the explorers' uploads carry their models (round 0 sends more
+    bytes up than the default's), the run trains on the mask from there, and the model differs
+    from the default start's. Catches a client that ignores ``send_explored`` (the server rejects
+    its reply: no explorer replies, the run fails)."""
+    extra = f"pruning: {{sparsity: 0.3, {EXPLORE}}}\n"
+    a = _run(tmp_path, "initial", extra)
+    b = _run(tmp_path, "explored", extra.replace("{", "{start_from: explored, ", 1))
+    ra, rb = ({r["round"]: r for r in read_metrics(run)} for run in (a, b))
+    n = sum(v.size for v in _model(a).values())
+    explorers = ra[0]["clients"]
+    assert rb[0]["clients"] == explorers and rb[0]["rejected"] == 0
+    assert rb[0]["bytes_up"] - ra[0]["bytes_up"] >= 4 * n * explorers          # θ_k in fp32 on top of D_k
+    assert rb[3]["clients"] == 3 and rb[3]["rejected"] == 0
+    ma, mb = _model(a), _model(b)
+    assert any(not np.array_equal(ma[k], mb[k]) for k in ma)
+
+
 def test_mask_refresh_through_the_engine(tmp_path):
     """Refresh rounds on the engine: rounds 2 and 4 rebuild the mask (mask_id 1 -> 3), their uploads
     are dense on the wire and their FLOPs count dense; the sparsity stays exact. Catches a
@@ -330,6 +378,7 @@ def test_dicesgd_error_resets_when_a_refresh_changes_the_mask(tmp_path, monkeypa
     ("pruning: {explorers: 2, explorer_fraction: 0.5}\n", "give either explorers or explorer_fraction"),
     ("pruning: {mask_update: every_k_rounds}\n", "needs mask_update_every"),
     ("pruning: {mask_update_every: 3}\n", "applies to mask_update: every_k_rounds only"),
+    ("pruning: {kind: random, start_from: explored}\n", "the random baseline does not explore"),
     ("pruning: {kind: random, mask_update: every_k_rounds, mask_update_every: 2}\n", "random baseline's mask is static"),
 ])
 def test_pruning_scenario_guards(extra, message):
