@@ -254,6 +254,12 @@ def _pruning(cfg: Any, fed: Federation) -> Parts:
             "units); set structured_sparsity: 0"])
     mask_shapes = {k: shapes[k] for k in trainable}
     selection = dict(sparsity=cfg.sparsity, maskable=cfg.maskable, exclude=tuple(cfg.exclude))
+    try:
+        maskable = autoflip.maskable_names(mask_shapes, cfg.maskable, cfg.exclude)
+    except ValueError as e:
+        raise ScenarioError(f"scenario '{fed.scenario.name}'", [f"pruning.exclude: {e}"]) from None
+    owned = {s.param for layer in unit_map for s in layer.slices} if structured > 0 else set()
+    bitmap = [k for k in trainable if k in maskable or k in owned]     # what the mask may zero
 
     def build_mask(guidance):
         return autoflip.hybrid_mask(guidance, mask_shapes, structured_sparsity=structured, unit_map=unit_map,
@@ -271,12 +277,12 @@ def _pruning(cfg: Any, fed: Federation) -> Parts:
 
     server = autoflip_plugins.PruningServer(
         "pruning", kind=cfg.kind, shapes=shapes, dtypes={k: v.dtype for k, v in arrays.items()}, trainable=trainable,
-        mask_names=trainable, build_mask=build_mask, random_mask=random_mask,
+        mask_names=bitmap, maskable=maskable, build_mask=build_mask, random_mask=random_mask,
         explorers=_explorers(cfg, fed) if cfg.kind == "autoflip" else [], normalization=cfg.normalization,
         weighting=cfg.explore_weighting, macs=macs, refresh_every=cfg.mask_update_every or 0,
         start_from=cfg.start_from)
     client = autoflip_plugins.PruningClient(
-        "pruning", mask_shapes=mask_shapes, explore_epochs=cfg.explore_epochs, patience=cfg.patience,
+        "pruning", mask_shapes={k: shapes[k] for k in bitmap}, explore_epochs=cfg.explore_epochs, patience=cfg.patience,
         warmup_epochs=cfg.warmup_epochs, explore_optimizer=cfg.explore_optimizer, explore_lr=cfg.explore_lr,
         explore_batch_size=cfg.explore_batch_size)
     return Parts(server_plugins=[server], client_plugins=[client], notes=notes)

@@ -20,8 +20,8 @@ Server (:class:`PruningServer`):
 - Then every training round: masked entries stay exactly 0 in the aggregate, the step and the
   optimizer state (``ServerPlugin.mask``); the model travels down and up as the kept entries of
   the masked tensors only (``ArraySpec(kept=...)``; no indices: the mask is shared state); a client
-  gets the mask's bitmap (``ceil(|P_M| / 8)`` bytes) only the first time it takes part after a mask
-  change.
+  gets the mask's bitmap (``ceil(|P_M| / 8)`` bytes, plus a bit per entry of the biases and norms
+  the structured step may zero) only the first time it takes part after a mask change.
 
 Client (:class:`PruningClient`): in round 0 an explorer trains in the standard loop on an
 :class:`~fedsim.algorithms.autoflip.ExplorationSchedule` (so under DP it explores with DP-SGD and
@@ -87,7 +87,9 @@ class PruningServer(ServerPlugin):
         kind: ``autoflip`` or ``random``.
         shapes: every model array's shape, canonical order; ``dtypes`` likewise.
         trainable: the names explorers report deviations for.
-        mask_names: the arrays that may carry a mask (their bitmap goes down in this order).
+        mask_names: the arrays the mask may zero (their bitmap goes down in this order): the maskable
+            set ``P_M`` plus, under a structured step, the other tensors a unit owns (biases, norms).
+        maskable: ``P_M``, the arrays ``sparsity`` is measured over.
         build_mask: ``G -> MaskResult`` (AutoFLIP) with the scenario's sparsities, unit map, selection.
         random_mask: ``() -> mask`` (the baseline).
         explorers: the exploration stage's clients (sampled by the builder from the run seed).
@@ -98,7 +100,8 @@ class PruningServer(ServerPlugin):
     """
 
     def __init__(self, name: str, *, kind: str, shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, np.dtype],
-                 trainable: Sequence[str], mask_names: Sequence[str], build_mask: Callable[[Named], Any] | None,
+                 trainable: Sequence[str], mask_names: Sequence[str], maskable: Sequence[str],
+                 build_mask: Callable[[Named], Any] | None,
                  random_mask: Callable[[], Named] | None, explorers: Sequence[int], normalization: str,
                  weighting: str, macs: Callable[[Named, Named], dict[str, int]], refresh_every: int = 0,
                  start_from: str = "initial"):
@@ -107,7 +110,9 @@ class PruningServer(ServerPlugin):
                              "the random baseline's mask is static")
         self.name, self.kind = name, kind
         self.shapes, self.dtypes = dict(shapes), dict(dtypes)
-        self.trainable, self.mask_names = list(trainable), list(mask_names)
+        self.trainable, self.mask_names, self.maskable = list(trainable), list(mask_names), list(maskable)
+        if set(self.maskable) - set(self.mask_names):
+            raise ValueError(f"maskable arrays {sorted(set(self.maskable) - set(self.mask_names))} are not in mask_names")
         self.build_mask, self.random_mask, self.explorers = build_mask, random_mask, sorted(explorers)
         self.normalization, self.weighting, self.macs = normalization, weighting, macs
         self.refresh_every = int(refresh_every)
@@ -127,10 +132,14 @@ class PruningServer(ServerPlugin):
         return state
 
     def _with_mask(self, mask: Named, structured: Named, removed: Mapping[str, Any], mask_id: int) -> dict:
+        stray = [k for k, m in mask.items() if k not in self.mask_names and not np.all(m)]
+        if stray:
+            raise ValueError(f"the mask zeroes {stray}, which its bitmap does not carry (mask_names)")
         kept = {k: np.asarray(mask[k], bool) for k in self.mask_names}
-        total = sum(m.size for m in kept.values())
         pruned = {k: int(m.size - np.count_nonzero(m)) for k, m in kept.items()}
-        report = {"sparsity": sum(pruned.values()) / max(total, 1), "pruned": pruned, "maskable": total,
+        total = sum(kept[k].size for k in self.maskable)
+        report = {"sparsity": sum(pruned[k] for k in self.maskable) / max(total, 1), "pruned": pruned,
+                  "maskable": total,
                   "removed_units": {k: [int(u) for u in v] for k, v in removed.items()},
                   "digest": autoflip.mask_digest(kept), "macs": self.macs(kept, structured)}
         return {"mask": kept, "mask_id": mask_id, "report": report}

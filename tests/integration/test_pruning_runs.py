@@ -122,8 +122,9 @@ def test_sparse_bytes_on_the_wire(tmp_path, autoflip):
 
 
 def test_bitmap_only_when_the_client_lacks_the_mask():
-    """A10's second half on the server contract: the bitmap (ceil(N/8) bytes) goes to a client the
-    first time it takes part after a mask change, never again. Catches a bitmap in every message."""
+    """A10's second half on the server contract: the bitmap (ceil(|P_M|/8) bytes: the weights only, an
+    unstructured mask never zeroes a bias) goes to a client the first time it takes part after a
+    mask change, never again. Catches a bitmap in every message, and one that carries every tensor."""
     from fedsim.builder import build
     from fedsim.core.server import ClientUpdate
     from fedsim.federation import Federation
@@ -136,7 +137,7 @@ def test_bitmap_only_when_the_client_lacks_the_mask():
     plan = server.plan(state, 1, params)
     first = server.client_downlink(state, plan, 2)
     bits = first.arrays["pruning.bitmap"]["bits"]
-    n = sum(params[k].size for k in fed.trainable_names())
+    n = sum(params[k].size for k in fed.trainable_names() if params[k].ndim >= 2)
     assert bits.dtype == np.uint8 and bits.size == -(-n // 8)
     reply = ClientUpdate(2, 10.0, {k: v.copy() for k, v in params.items()}, metrics={"pruning_samples": 10})
     _, state, _ = server.aggregate(state, plan, params, [reply])
@@ -187,7 +188,7 @@ def test_mask_refresh_rebuilds_from_the_round_updates():
     assert ps["mask_id"] == 2 and state["basis_id"] == basis + 1
     assert ps["mask"][w][revive].all(), "the entry that moved most was not revived"
     assert new_params[w][revive].item() == 0.0, "a revived entry must start at 0"
-    assert all(not new_params[k][~ps["mask"][k]].any() for k in names)
+    assert all(not new_params[k][~m].any() for k, m in ps["mask"].items())
     assert ps["refreshes"][0]["round"] == 2 and ps["refreshes"][0]["entries_changed"] >= 2
     weights = sum(m.size for m in ps["mask"].values() if m.ndim >= 2)                 # maskable: weights
     assert sum(int((~m).sum()) for m in ps["mask"].values()) == weights // 2           # exact sparsity again
@@ -221,7 +222,7 @@ def test_start_from_explored_is_the_explorers_mean_under_the_mask():
     total = sum(sizes.values())
     for k in names:
         mean = sum(models[c][k].astype(np.float64) * sizes[c] / total for c in plan.cohort)
-        np.testing.assert_allclose(start[k], np.where(mask[k], mean, 0.0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(start[k], np.where(mask.get(k, True), mean, 0.0), rtol=1e-5, atol=1e-6)
 
 
 def test_start_from_explored_through_the_engine(tmp_path):
@@ -324,6 +325,8 @@ def test_random_baseline_masks_from_round_one(tmp_path):
     assert zeros >= weights // 2
     s = read_json(run / "summary.json")     # unstructured: dense kernels realise nothing (was the theoretical ratio)
     assert s["flops_ratio"] < 0.6 and s["flops_ratio_structured"] == 1.0
+    assert s["sparsity"] == doc["sparsity"] == (weights // 2) / weights      # over P_M, not over every parameter
+    assert set(doc["pruned"]) == {"net.1.weight", "net.3.weight"}           # the bitmap's tensors: P_M
 
 
 @pytest.mark.integration
