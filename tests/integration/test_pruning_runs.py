@@ -90,6 +90,26 @@ def test_zeros_stay_zero_and_the_mask_is_what_pruning_json_says(autoflip):
     assert all(r["sparsity"] == doc["sparsity"] for r in read_metrics(autoflip) if r["round"] >= 1)
 
 
+@pytest.mark.parametrize("strategy", [
+    "strategy: {name: fedadam, server_lr: 0.01}\n",
+    "strategy: {name: fedprox, proximal_mu: 0.1}\n",
+    "strategy: {name: scaffold}\n",
+    "lr_schedule: {kind: fedhyper, variant: g+cl}\n",
+])
+def test_the_mask_holds_under_every_strategy(tmp_path, strategy):
+    """``pruning`` composes with every server strategy and client plugin: every round aggregates all
+    its replies and masked entries are exactly 0 in the final model. Catches a plugin whose reply
+    contract clashes with the sparse one (SCAFFOLD's control-variate group, FedHyper-CL's client
+    state: replies rejected) and any path that leaves a pruned entry non-zero at the end. (Several
+    guards keep zeros at 0 — sparse uploads decode to 0, the server masks the update, the client
+    re-masks after each step — so removing any one of them alone does not fail this test.)"""
+    run = _run(tmp_path, "s", strategy + f"pruning: {{sparsity: 0.5, {EXPLORE}}}\n")
+    assert all(r["clients"] == 3 and r["rejected"] == 0 for r in read_metrics(run) if r["round"] >= 1)
+    doc, model = read_json(run / "pruning.json"), _model(run)
+    assert sum(int(np.count_nonzero(model[k] == 0)) for k in doc["pruned"]) >= sum(doc["pruned"].values())
+    assert not model["net.1.weight"][doc["removed_units"]["net.1"]].any()
+
+
 def test_cost_counters_in_summary(autoflip):
     """The summary's FLOPs and bytes ratios: below 1 where the mask saves, exploration added on top.
     Catches dense uploads (bytes_up_ratio 1), the exploration cost left out, and FLOPs counted
