@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import os
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -16,6 +18,7 @@ from rich.console import Console
 
 from fedsim import __version__
 from fedsim.deploy.cli import add_deploy_parser, run_deploy
+from fedsim.progress import format_duration
 from fedsim.sweep.cli import add_sweep_parser, run_sweep_command
 
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
@@ -70,14 +73,65 @@ def _load(path: str, overrides: list[str], console: Console):
 
 
 def _validate(args: argparse.Namespace, console: Console) -> int:
+    """The schema, then what needs the data: the partition, the cohort size and the model on the
+    data's shapes (skipped, with a note, where the data set is not available here)."""
+    from fedsim.data import DataUnavailableError
+    from fedsim.federation import Federation
+    from fedsim.scenario import ScenarioError
+
     bad = 0
     for path in args.scenario:
         scn = _load(path, args.overrides, console)
         if scn is None:
             bad += 1
-        else:
-            console.print(f"{path}: ok ({scn.name})", highlight=False)
+            continue
+        try:
+            Federation(scn)
+        except DataUnavailableError as exc:
+            console.print(f"{path}: schema ok ({scn.name}); partition and model not checked, the data set is not "
+                          f"available here: {exc}", highlight=False, markup=False)
+            continue
+        except ScenarioError as exc:
+            console.print(f"{path}: {exc}", highlight=False, markup=False)
+            bad += 1
+            continue
+        console.print(f"{path}: ok ({scn.name})", highlight=False)
     return EXIT_USAGE if bad else 0
+
+
+def _resume_command(args: argparse.Namespace, out: Path) -> str:
+    """The command that continues this run (the same scenario, overrides and directory)."""
+    words = ["fedsim", "run", args.scenario, *[w for o in args.overrides for w in ("--set", o)], "--out", str(out),
+             "--resume"]
+    return shlex.join(words)
+
+
+def _check_out(args: argparse.Namespace, out: Path) -> str | None:
+    """Why ``out`` cannot take this run (None: it can). Nothing is written or removed here."""
+    from fedsim.results.checkpoint import round_checkpoints
+
+    if out.exists() and not out.is_dir():
+        return f"--out {out} is a file, not a directory; choose a directory path"
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"--out {out}: {probe} is a file, so the run directory cannot be created under it"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"--out {out}: {probe} is not writable by this user; choose a writable place"
+    if args.resume or args.overwrite or not out.is_dir():
+        return None
+    if (out / "metrics.jsonl").exists() or round_checkpoints(out):
+        if not (out / "summary.json").exists() and round_checkpoints(out):
+            return (f"{out} holds an interrupted run (checkpoints, no summary.json). Continue it with:\n"
+                    f"  {_resume_command(args, out)}\nor start again with --overwrite, or choose another --out")
+        return f"{out} already holds a run; choose another --out or pass --overwrite"
+    entries = sorted(e.name for e in out.iterdir())
+    if entries:
+        return (f"{out} is not empty and holds no fedsim run ({len(entries)} entries, e.g. {entries[0]!r}); "
+                f"fedsim would write its files among them. Choose a new or empty --out, or pass --overwrite "
+                f"to write there anyway (only fedsim's own files are replaced)")
+    return None
 
 
 def _out_dir(args: argparse.Namespace, scn) -> Path:
@@ -105,14 +159,28 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     if args.force and not args.resume:
         console.print("--force only applies with --resume", highlight=False)
         return EXIT_USAGE
-    if (out / "metrics.jsonl").exists() and not (args.overwrite or args.resume):
-        console.print(f"{out} already holds a run; choose another --out or pass --overwrite", highlight=False)
+    problem = _check_out(args, out)
+    if problem:
+        console.print(problem, highlight=False, markup=False)
         return EXIT_USAGE
     if args.overwrite:
         clear_run_dir(out)
     try:
         summary = run_scenario(scn, out, progress="none" if args.quiet else "auto", resume=args.resume,
                                force=args.force)
+    except KeyboardInterrupt:
+        from fedsim.results.checkpoint import round_checkpoints
+        if round_checkpoints(out):
+            console.print(f"[yellow]interrupted[/yellow]; continue from the last checkpoint with:\n  "
+                          f"{_resume_command(args, out)}", highlight=False, soft_wrap=True)
+        else:
+            console.print("[yellow]interrupted[/yellow]; the run left no checkpoint to resume from (set "
+                          "output.checkpoint_every: N to make a run resumable)", highlight=False)
+        return EXIT_INTERRUPTED
+    except OSError as exc:          # the run directory or a result file could not be written
+        console.print(f"run failed: cannot write {exc.filename or out}: {exc.strerror or exc}", highlight=False,
+                      markup=False)
+        return EXIT_FAILED
     except DataUnavailableError as exc:
         console.print(f"data set unavailable: {exc}", highlight=False, markup=False)
         return EXIT_USAGE
@@ -128,14 +196,14 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     acc = summary.get("final_accuracy")
     acc_text = f"{100 * acc:.2f}%" if isinstance(acc, (int, float)) else "n/a"
     print(f"{scn.name}: {summary.get('rounds_completed')} rounds, final accuracy {acc_text}, "
-          f"{summary.get('wall_s', 0):.1f}s -> {out}")
+          f"{format_duration(summary.get('wall_s', 0))} -> {out}")
     return 0
 
 
 def clear_run_dir(out: Path) -> None:
     """Remove what a previous run left (results, checkpoints, client state, logs), nothing else."""
     for name in ("metrics.jsonl", "metrics.csv", "clients.jsonl", "summary.json", "model.safetensors",
-                 "partition.json", "config.yaml"):
+                 "partition.json", "config.yaml", "privacy.json", "pruning.json"):
         (out / name).unlink(missing_ok=True)
     for sub in ("checkpoints", "client_state", "plots", "logs", "flwr"):
         shutil.rmtree(out / sub, ignore_errors=True)

@@ -50,6 +50,37 @@ class Federation:
         self.client_sizes = [int(len(ix)) for ix in self.partition.indices]
         self.cohort_size = self._cohort_size()
         self._client_model: nn.Module | None = None
+        self._check_model()
+
+    def _check_model(self) -> None:
+        """Build the model on the data's shapes and pass two training examples through it, so that a
+        model that does not fit the data is a scenario problem (``model.name``), not a crash in round 1."""
+        import torch
+
+        from fedsim.models.nets import ModelOptionError
+
+        ds, name = self.dataset, self.scenario.model.name
+        where = f"scenario '{self.scenario.name}'"
+        try:
+            model = self.client_model()
+        except ModelOptionError as exc:
+            self._client_model = None
+            raise ScenarioError(where, [f"model.options.{exc.option}: {exc}"]) from None
+        except (ValueError, TypeError) as exc:
+            raise ScenarioError(where, [f"model.name: '{name}' cannot be built for data set '{ds.name}' (input shape "
+                                        f"{tuple(ds.input_shape)}, {ds.num_classes} classes): {exc}"]) from None
+        x = torch.as_tensor(ds.x_train[:2])
+        training = model.training
+        try:
+            with torch.no_grad():
+                model.eval()
+                model(x)
+        except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ScenarioError(where, [f"model.name: '{name}' cannot take the inputs of data set '{ds.name}' "
+                                        f"(shape {tuple(ds.input_shape)}, {x.dtype}): {first}"]) from None
+        finally:
+            model.train(training)
 
     def _cohort_size(self) -> int:
         fed = self.scenario.federation

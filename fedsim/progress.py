@@ -15,6 +15,28 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 
+def format_duration(seconds: float) -> str:
+    """A duration a person reads at a glance: seconds, then m:ss, h:mm:ss and days.
+
+    Example:
+        >>> [format_duration(s) for s in (4.25, 75, 3725, 2 * 86400 + 5, 3.2e12)]
+        ['4.2s', '1:15', '1:02:05', '2d 0:00:05', 'more than 1000 years']
+    """
+    if not seconds == seconds or seconds < 0:
+        return "?"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    if seconds >= 1000 * 365.25 * 86400:
+        return "more than 1000 years"
+    whole = int(round(seconds))
+    days, rest = divmod(whole, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours}:{minutes:02d}:{secs:02d}"
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
 def _fmt(metrics: dict[str, Any]) -> str:
     parts = []
     for key, label, pct in (("eval_accuracy", "acc", True), ("eval_loss", "loss", False),
@@ -70,12 +92,13 @@ class RoundProgress:
         elif self.mode == "log":
             elapsed = time.perf_counter() - self._start
             if server_round < 1:              # a stage before round 1 (AutoFLIP's exploration): no ETA yet
-                self.console.print(f"round 0 (stage before round 1)  {_fmt(metrics)}  elapsed {elapsed:.1f}s",
+                self.console.print(f"round 0 (stage before round 1)  {_fmt(metrics)}  elapsed {format_duration(elapsed)}",
                                    highlight=False, soft_wrap=True)
                 return
             eta = elapsed / server_round * (self.rounds - server_round)
             self.console.print(f"round {server_round}/{self.rounds}  {_fmt(metrics)}  "
-                               f"elapsed {elapsed:.1f}s  ETA {eta:.1f}s", highlight=False, soft_wrap=True)
+                               f"elapsed {format_duration(elapsed)}  ETA {format_duration(eta)}", highlight=False,
+                               soft_wrap=True)
 
     def __exit__(self, *exc: Any) -> None:
         if self._bar is not None:

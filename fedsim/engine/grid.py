@@ -24,6 +24,13 @@ class LocalGrid(Grid):
         self.num_nodes = num_nodes
         self._replies: dict[str, Message] = {}
         self._run = empty_run(run_id)
+        self._events: list[str] = []
+
+    def take_events(self) -> list[str]:
+        """What happened to the grid's processes since the last call (a worker died, was restarted):
+        the server loop puts these lines in the round's progress line and ``metrics.jsonl``."""
+        out, self._events = self._events, []
+        return out
 
     def set_run(self, run_id: int) -> None:  # type: ignore[override]
         """Grid API: a local grid has exactly one run."""

@@ -12,6 +12,7 @@ round goes on with the replies it has.
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import subprocess
 import time
@@ -25,6 +26,7 @@ from fedsim.engine.grid import NODE_ID_BASE, LocalGrid
 from fedsim.engine.pool import (GRPC_OPTIONS, SERVICE, TOKEN_HEADER, WorkerProcess, WorkerStartError, start_worker,
                                 stop_workers, wait_ready)
 from fedsim.flower.compat import NODE_UNAVAILABLE, message_from_bytes, message_to_bytes
+from fedsim.progress import format_duration
 from fedsim.scenario import Scenario, ScenarioError
 
 MAX_RESTARTS = 3
@@ -78,8 +80,12 @@ class WorkerGrid(LocalGrid):
 
     def _restart(self, i: int) -> None:
         old = self.workers[i]
+        why = "timed out" if old.alive() else f"had died (exit code {old.proc.returncode})"
         if old.restarts >= MAX_RESTARTS:
+            self._events.append(f"worker {i} ({old.device}) {why} and was restarted {MAX_RESTARTS} times already: "
+                                f"not restarted, its clients' messages fail (log: {old.log_path})")
             return
+        t0 = time.perf_counter()
         if self.channels[i] is not None:
             self.channels[i].close()  # type: ignore[union-attr]
         stop_workers([old])
@@ -88,6 +94,8 @@ class WorkerGrid(LocalGrid):
         self.workers[i] = new
         wait_ready([new], self.start_timeout_s)
         self._connect(i)
+        self._events.append(f"worker {i} ({old.device}) {why}: restarted in {time.perf_counter() - t0:.1f}s "
+                            f"(restart {new.restarts} of {MAX_RESTARTS}); its clients are served again")
 
     def close(self) -> None:
         """Stop exactly the workers this grid started; close channels."""
@@ -146,6 +154,9 @@ class WorkerGrid(LocalGrid):
             what = f"died (exit code {w.proc.returncode})"
         else:
             what = f"failed ({exc.code().name})"
+        event = f"worker {i} ({w.device}) {what} during the round; it is restarted before it serves again"
+        if event not in self._events:
+            self._events.append(event)
         reason = (f"worker {i} ({w.device}) {what} while serving client {msg.metadata.dst_node_id - NODE_ID_BASE}; "
                   f"log tail:\n{w.log_tail(8)}")
         return Message(Error(code=NODE_UNAVAILABLE, reason=reason), reply_to=msg)
@@ -170,8 +181,26 @@ def run(scenario: Scenario, out_dir: Path, *, progress: str = "auto", resume: bo
         devices = plan_workers(eng.devices, workers=eng.workers, workers_per_device=eng.workers_per_device)
     except ValueError as exc:
         raise ScenarioError(f"scenario '{scenario.name}'", [f"engine.devices: {exc}"]) from None
+    say = _say(progress)
+    cores = os.cpu_count() or 1
+    on_cpu = sum(d == "cpu" for d in devices)
+    if on_cpu > cores:
+        say(f"[yellow]engine.workers: {on_cpu} CPU workers on {cores} cores compete for them (each trains with one "
+            f"thread): expect no speed-up beyond {cores} workers, and more memory[/yellow]")
     run_config = make_run_config(scenario, out_dir, progress, resume, force)
     num_nodes = get_federation(scenario).num_clients
     out_dir.mkdir(parents=True, exist_ok=True)
+    say(f"starting {len(devices)} client worker(s) on {', '.join(sorted(set(devices)))} ...")
+    started = time.perf_counter()
     with WorkerGrid(devices, num_nodes, run_config, out_dir, flower_env(), eng.start_timeout_s) as grid:
+        say(f"{len(devices)} worker(s) ready in {format_duration(time.perf_counter() - started)}")
         run_server_app(server_app, grid, run_config)
+
+
+def _say(progress: str):
+    """A start-up line on stderr (nothing with ``progress: none``)."""
+    if progress == "none":
+        return lambda text: None
+    from rich.console import Console
+    console = Console(stderr=True, soft_wrap=True)
+    return lambda text: console.print(text, highlight=False)

@@ -112,6 +112,8 @@ class ServerLoop:
                 for name, doc in self.strategy.files().items():
                     write_json(self.out / name, doc)
                 bar.update(rnd, row)
+                for event in row.get("events", []):
+                    bar.warn(f"round {rnd}: {event}")
                 if not row["clients"]:
                     bar.note(f"[yellow]round {rnd}: no client reply was accepted[/yellow] "
                              f"({'; '.join(row.get('rejected_reasons', []))[:300]})")
@@ -141,6 +143,9 @@ class ServerLoop:
         row.update(self._server_eval(rnd, arrays))
         if outcome.rejected:
             row["rejected_reasons"] = [f"client {c}: {r}" for c, r in outcome.rejected]
+        events = grid.take_events() if hasattr(grid, "take_events") else []   # fedsim's own grids report restarts
+        if events:
+            row["events"] = events
         row.update(round_s=time.perf_counter() - t0, wall_s=time.perf_counter() - start)
         return arrays, row, outcome
 

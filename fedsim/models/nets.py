@@ -14,6 +14,22 @@ from torch import nn
 from fedsim.models.units import Slice, UnitLayer, neurons
 
 
+class ModelOptionError(ValueError):
+    """A ``model.options`` value no model can be built with; ``option`` names it."""
+
+    def __init__(self, option: str, message: str):
+        self.option = option
+        super().__init__(message)
+
+
+def _sizes(option: str, values: tuple[int, ...] | int, *, allow_empty: bool = True) -> None:
+    """Every layer size in ``values`` must be an int >= 1 (a 0-wide layer trains to chance)."""
+    seq = values if isinstance(values, tuple) else (values,)
+    bad = [v for v in seq if isinstance(v, bool) or not isinstance(v, int) or v < 1]
+    if bad or (not seq and not allow_empty):
+        raise ModelOptionError(option, f"every size must be an integer >= 1 (got {list(seq) if isinstance(values, tuple) else values})")
+
+
 class MLP(nn.Module):
     """A multi-layer perceptron over flattened inputs.
 
@@ -24,6 +40,7 @@ class MLP(nn.Module):
 
     def __init__(self, input_shape: tuple[int, ...], num_classes: int, hidden: tuple[int, ...] = (128,)):
         super().__init__()
+        _sizes("hidden", tuple(hidden))
         sizes = [math.prod(input_shape), *hidden]
         layers: list[nn.Module] = [nn.Flatten()]
         for a, b in zip(sizes[:-1], sizes[1:]):
@@ -63,6 +80,8 @@ class CNN(nn.Module):
     def __init__(self, input_shape: tuple[int, ...], num_classes: int, channels: tuple[int, ...] = (16, 32),
                  hidden: int = 64):
         super().__init__()
+        _sizes("channels", tuple(channels), allow_empty=False)
+        _sizes("hidden", hidden)
         if len(input_shape) != 3:
             raise ValueError(f"cnn needs image inputs (C, H, W); got input shape {input_shape} — use 'mlp'")
         in_ch, h, w = input_shape
@@ -115,6 +134,8 @@ class CharLSTM(nn.Module):
     def __init__(self, input_shape: tuple[int, ...], num_classes: int, embed: int = 8, hidden: int = 256,
                  layers: int = 2):
         super().__init__()
+        for option, value in (("embed", embed), ("hidden", hidden), ("layers", layers)):
+            _sizes(option, value)
         if len(input_shape) != 1:
             raise ValueError(f"char_lstm needs token sequences (seq_len,); got input shape {input_shape}")
         self.embed = nn.Embedding(num_classes, embed)

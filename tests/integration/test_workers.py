@@ -66,6 +66,33 @@ def test_dead_worker_reported_round_continues_and_restarts(tmp_path, tiny_yaml):
     assert all("worker 0 (cpu) died" in r for r in rows[1]["rejected_reasons"])
     assert rows[2]["clients"] == 6 and grid.workers[0].restarts == 1      # restarted for round 3
     assert all(w.proc.poll() is not None for w in grid.workers), "a worker outlived the run"
+    assert rows[1]["events"] == ["worker 0 (cpu) died (exit code -9) during the round; it is restarted before it "
+                                 "serves again"]
+    assert len(rows[2]["events"]) == 1 and rows[2]["events"][0].startswith("worker 0 (cpu) had died (exit code -9): "
+                                                                           "restarted in ")
+    assert "events" not in rows[0]
+
+
+class KillBetweenRounds(WorkerGrid):
+    """Kills worker 0 (by PID) after round 1, before round 2's messages are dispatched."""
+
+    def _deliver(self, msgs, timeout):
+        if int(msgs[0].content["config"]["server-round"]) == 2 and not self.workers[0].restarts:
+            os.kill(self.workers[0].proc.pid, signal.SIGKILL)
+            self.workers[0].proc.wait(timeout=30)
+        return super()._deliver(msgs, timeout)
+
+
+def test_worker_dead_between_rounds_is_restarted_and_said(tmp_path, tiny_yaml):
+    """A worker that died between rounds is restarted before it serves (no client lost) and the
+    round says so in metrics.jsonl (``events``) and on the console. Catches the silent restart that
+    made one round 20x slower with ``rejected: 0`` and nothing to explain it."""
+    text = tiny_yaml.replace("clients_per_round: 3", "clients_per_round: 6")
+    grid, rows = _run_grid(tmp_path, text, KillBetweenRounds)
+    assert [r["clients"] for r in rows] == [6, 6, 6] and not any(r["rejected"] for r in rows)
+    assert grid.workers[0].restarts == 1
+    assert [("events" in r) for r in rows] == [False, True, False]
+    assert "worker 0 (cpu) had died (exit code -9): restarted in " in rows[1]["events"][0]
 
 
 def test_worker_refuses_callers_without_the_run_token(tmp_path):
