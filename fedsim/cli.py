@@ -44,7 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     val.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
     rep = sub.add_parser("report", help="compare finished runs side by side")
     rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
-    rep.add_argument("--plot", default="comparison.png", help="where to write the comparison plot")
+    rep.add_argument("--plot", default=None,
+                     help="where to write the comparison plot (default: comparison.png beside the runs)")
     rep.add_argument("--json", action="store_true", help="print the table as JSON")
     add_sweep_parser(sub)
     add_deploy_parser(sub)
@@ -223,9 +224,24 @@ def _report(args: argparse.Namespace, console: Console) -> int:
         if not out.is_terminal:
             out = Console(width=200)      # files and pipes: do not squeeze the table into 80 columns
         out.print(render_table(rows))
-    path = plot_comparison(args.run_dirs, args.plot)
+    plot = Path(args.plot) if args.plot else _beside(args.run_dirs) / "comparison.png"
+    try:
+        path = plot_comparison(args.run_dirs, plot, [r["config"] for r in rows])
+    except ValueError as exc:
+        console.print(f"report: no plot: {exc}", highlight=False, markup=False)
+        return EXIT_USAGE
+    except OSError as exc:
+        console.print(f"report: cannot write the plot to {plot}: {exc.strerror or exc}; pass --plot PATH to write it "
+                      "elsewhere", highlight=False, markup=False)
+        return EXIT_USAGE
     console.print(f"comparison plot: {path}", highlight=False)
     return 0
+
+
+def _beside(run_dirs: list[str]) -> Path:
+    """The folder the runs share (their common parent), where the comparison plot goes by default."""
+    parents = [str(Path(d).resolve().parent) for d in run_dirs]
+    return Path(os.path.commonpath(parents))
 
 
 if __name__ == "__main__":

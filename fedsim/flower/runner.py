@@ -282,5 +282,5 @@ class ServerLoop:
                                                                           if r.get("epsilon_max") is not None]) else {}),
                                        **self.strategy.run_summary(rows)})
         write_json(self.out / "summary.json", summary)
-        plot_run(self.out)
+        plot_run(self.out, lr_schedule=self.scn.lr_schedule is not None)
         return summary

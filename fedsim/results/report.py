@@ -19,7 +19,12 @@ from rich.table import Table
 from fedsim.results.metrics import JSONL_NAME, read_metrics
 from fedsim.results.summary import accuracy_figures, read_json
 
-__all__ = ["compare_runs", "format_bytes", "render_table"]
+__all__ = ["compare_runs", "config_differences", "format_bytes", "render_table"]
+
+#: Config keys never shown as differences: the name is a column, output is where files went.
+_NOT_DIFFERENCES = ("name", "output.")
+#: At most this many differing keys become table columns (the rest are in ``--json``).
+MAX_DIFF_COLUMNS = 6
 
 SUMMARY_NAME = "summary.json"
 _FIELDS = (
@@ -60,6 +65,44 @@ def _compare_one(run_dir: Path) -> dict[str, Any]:
     return row
 
 
+def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, Mapping):
+        out: dict[str, Any] = {}
+        for k, v in node.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: node}
+
+
+def _resolved_config(run_dir: Path) -> dict[str, Any] | None:
+    """The run's resolved scenario (``config.yaml``, read by the scenario loader), flattened to
+    dotted keys; None when there is none or it no longer validates (an older fedsim's run)."""
+    from fedsim.scenario import ScenarioError, load_scenario
+
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return None
+    try:
+        return _flat(load_scenario(path).model_dump(mode="json"))
+    except (ScenarioError, OSError):
+        return None
+
+
+def config_differences(run_dirs: list[str | Path]) -> list[dict[str, Any]]:
+    """Per run, the resolved config values in which the runs differ (dotted keys, sorted), so that
+    runs of one scenario are told apart, e.g. ``{"data.partition.alpha": 0.1, "strategy.name": "fedavg"}``.
+
+    Runs without a readable ``config.yaml`` get ``{}``; a key a run lacks counts as ``None``.
+    """
+    configs = [_resolved_config(Path(d)) for d in run_dirs]
+    known = [c for c in configs if c is not None]
+    if len(known) < 2:
+        return [{} for _ in configs]
+    keys = sorted({k for c in known for k in c if not k.startswith(_NOT_DIFFERENCES)})
+    differ = [k for k in keys if len({repr(c.get(k)) for c in known}) > 1]
+    return [{k: c.get(k) for k in differ} if c is not None else {} for c in configs]
+
+
 def compare_runs(run_dirs: list[str | Path]) -> list[dict[str, Any]]:
     """Collects the headline figures of several runs.
 
@@ -71,12 +114,16 @@ def compare_runs(run_dirs: list[str | Path]) -> list[dict[str, Any]]:
         One dict per run, in the given order, with ``run`` (directory name),
         ``name``, ``engine``, ``final_accuracy``, ``best_accuracy``, ``best_round``,
         ``rounds_completed``, ``wall_s``, ``bytes_up``, ``bytes_down`` and
-        ``status`` (``"complete"``, or ``"incomplete"`` when derived from metrics).
+        ``status`` (``"complete"``, or ``"incomplete"`` when derived from metrics), and
+        ``config``: the resolved config values in which the runs differ (:func:`config_differences`).
 
     Raises:
-        ValueError: If a directory has neither file (the message names it).
+        ValueError: If a directory has neither file, or a corrupt ``metrics.jsonl`` (the message names it).
     """
-    return [_compare_one(Path(d)) for d in run_dirs]
+    rows = [_compare_one(Path(d)) for d in run_dirs]
+    for row, diff in zip(rows, config_differences(run_dirs)):
+        row["config"] = diff
+    return rows
 
 
 def format_bytes(n: float) -> str:
@@ -135,9 +182,13 @@ def render_table(rows: list[Mapping[str, Any]]) -> Table:
     """
     table = Table(title="fedsim runs")
     columns = [c for c in _COLUMNS if c[1] != "epsilon" or any(r.get("epsilon") is not None for r in rows)]
+    diff_keys = list(dict.fromkeys(k for r in rows for k in r.get("config", {})))[:MAX_DIFF_COLUMNS]
     for header, _, _, justify in columns:
         table.add_column(header, justify=justify)
+    for key in diff_keys:                                   # what tells runs of one scenario apart
+        table.add_column(key, justify="left")
     for row in rows:
         cells = [fmt(row.get(key)) for _, key, fmt, _ in columns]
+        cells += [_plain(row.get("config", {}).get(key)) for key in diff_keys]
         table.add_row(*cells, style=None if row.get("status", "complete") == "complete" else "dim")
     return table

@@ -131,3 +131,61 @@ def test_validate_checks_what_needs_the_data(tmp_path, scenario, capsys, overrid
 def test_validate_ok(scenario, capsys):
     assert main(["validate", str(scenario)]) == 0
     assert f"{scenario}: ok (first)" in _err(capsys)
+
+
+@pytest.fixture
+def two_runs(tmp_path):
+    """Two runs of one scenario that differ in the Dirichlet alpha only."""
+    from fedsim.engine import run_scenario
+    from fedsim.scenario import parse_scenario
+
+    runs = tmp_path / "runs"
+    for alpha in (0.5, 0.1):
+        run_scenario(parse_scenario(SCENARIO.replace("alpha: 0.5", f"alpha: {alpha}")), runs / f"a{alpha}",
+                     progress="none")
+    return [runs / "a0.5", runs / "a0.1"]
+
+
+def test_report_tells_runs_of_one_scenario_apart(two_runs, capsys, monkeypatch, tmp_path):
+    """The table gains the config keys in which the runs differ, and the plot goes beside the runs
+    (not into the current folder) and says where. Catches indistinguishable rows and a
+    comparison.png dropped wherever the command was typed."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["report", *map(str, two_runs)]) == 0
+    out = capsys.readouterr()
+    assert "data.partition.alpha" in out.out and "0.1" in out.out and "0.5" in out.out
+    plot = two_runs[0].parent / "comparison.png"
+    assert f"comparison plot: {plot}" in out.err and plot.is_file()
+    assert not (tmp_path / "comparison.png").exists()
+    from fedsim.results import compare_runs
+    assert [r["config"] for r in compare_runs(two_runs)] == [{"data.partition.alpha": 0.5},
+                                                            {"data.partition.alpha": 0.1}]
+
+
+def test_report_on_a_corrupt_run_or_an_unwritable_plot(two_runs, capsys):
+    """A corrupt metrics.jsonl line and a plot path that cannot be written end in one message
+    naming the file (exit 2), never a traceback after the table."""
+    assert main(["report", *map(str, two_runs), "--plot", str(two_runs[0] / "summary.json" / "x.png")]) == 2
+    assert "cannot write the plot to" in _err(capsys)
+    lines = (two_runs[1] / "metrics.jsonl").read_text().splitlines()
+    (two_runs[1] / "metrics.jsonl").write_text("\n".join([lines[0], "{not json", *lines[1:]]) + "\n")
+    assert main(["report", *map(str, two_runs)]) == 2
+    assert f"{two_runs[1] / 'metrics.jsonl'}:2: corrupt metrics line" in _err(capsys)
+
+
+def test_lr_plot_only_with_a_schedule_and_on_two_panels(tmp_path):
+    """``plots/lr.png`` is drawn for a run with an LR schedule (server and client LR on panels of
+    their own) and not for a constant-LR run. Catches the flat-looking client LR on the server
+    LR's axis and an lr.png for runs whose LRs never change."""
+    from PIL import Image
+
+    from fedsim.engine import run_scenario
+    from fedsim.scenario import parse_scenario
+
+    plain = tmp_path / "plain"
+    run_scenario(parse_scenario(SCENARIO), plain, progress="none")
+    assert not (plain / "plots/lr.png").exists()
+    hyper = tmp_path / "hyper"
+    run_scenario(parse_scenario(SCENARIO + "lr_schedule: {kind: fedhyper, variant: g+cl}\n"), hyper, progress="none")
+    width, height = Image.open(hyper / "plots/lr.png").size
+    assert width > 1.8 * height, "two panels side by side"
