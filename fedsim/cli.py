@@ -87,7 +87,7 @@ def _validate(args: argparse.Namespace, console: Console) -> int:
             bad += 1
             continue
         try:
-            Federation(scn)
+            fed = Federation(scn)
         except DataUnavailableError as exc:
             console.print(f"{path}: schema ok ({scn.name}); partition and model not checked, the data set is not "
                           f"available here: {exc}", highlight=False, markup=False)
@@ -97,6 +97,8 @@ def _validate(args: argparse.Namespace, console: Console) -> int:
             bad += 1
             continue
         console.print(f"{path}: ok ({scn.name})", highlight=False)
+        for note in fed.notes:
+            console.print(f"  note: {note}", highlight=False, markup=False)
     return EXIT_USAGE if bad else 0
 
 

@@ -51,6 +51,22 @@ class Federation:
         self.cohort_size = self._cohort_size()
         self._client_model: nn.Module | None = None
         self._check_model()
+        self.notes = self._notes()
+
+    def _notes(self) -> list[str]:
+        """What the scenario asks for that has no effect, or not the one a user may expect."""
+        from fedsim.data.datasets import reads_root
+
+        data, out = self.scenario.data, []
+        if data.root and not reads_root(data.dataset):
+            out.append(f"data.root: '{data.dataset}' is bundled with its package, so data.root ({data.root}) is not "
+                       "used")
+        per = getattr(data.partition, "classes_per_client", None)
+        if data.partition.kind == "shards" and per is not None and per >= self.dataset.num_classes:
+            out.append(f"data.partition: shards with classes_per_client {per} >= the {self.dataset.num_classes} "
+                       "classes gives every client every class, a split without label skew; lower "
+                       "classes_per_client for a non-IID split")
+        return out
 
     def _check_model(self) -> None:
         """Build the model on the data's shapes and pass two training examples through it, so that a

@@ -73,16 +73,17 @@ class Dataset:
 class _Entry:
     loader: str                   # "module:function", imported on first use
     options: dict[str, object]    # accepted extra options -> default
+    reads_root: bool = True       # False: bundled with a package, ``root`` is not used
 
 
 _IMAGE_OPTIONS: dict[str, object] = {"max_train": None, "max_test": None}
 _REGISTRY: dict[str, _Entry] = {
-    "digits": _Entry("fedsim.data.datasets:_load_sklearn", {}),
-    "breast_cancer": _Entry("fedsim.data.datasets:_load_sklearn", {}),
-    "wine": _Entry("fedsim.data.datasets:_load_sklearn", {}),
+    "digits": _Entry("fedsim.data.datasets:_load_sklearn", {}, reads_root=False),
+    "breast_cancer": _Entry("fedsim.data.datasets:_load_sklearn", {}, reads_root=False),
+    "wine": _Entry("fedsim.data.datasets:_load_sklearn", {}, reads_root=False),
     "fashion_mnist": _Entry("fedsim.data.idx:load_fashion_mnist",
                             {**_IMAGE_OPTIONS, "download": True}),
-    "mnist5k": _Entry("fedsim.data.mnist5k:load_mnist5k", {}),
+    "mnist5k": _Entry("fedsim.data.mnist5k:load_mnist5k", {}, reads_root=False),
     "shakespeare": _Entry("fedsim.data.shakespeare:load_shakespeare", {
         "seq_len": 80, "min_chars": 1000, "max_roles": None,
         "max_samples_per_role": None, "stride": 1, "download": True}),
@@ -101,6 +102,11 @@ def dataset_options(name: str) -> dict[str, object]:
         ValueError: If ``name`` is not a registered data set.
     """
     return dict(_entry(name).options)
+
+
+def reads_root(name: str) -> bool:
+    """Whether data set ``name`` reads its files from ``data.root`` (False: bundled with a package)."""
+    return _entry(name).reads_root
 
 
 def _entry(name: str) -> _Entry:

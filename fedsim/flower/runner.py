@@ -85,7 +85,7 @@ class ServerLoop:
         self.eval_model = self.fed.build_model()
         self.stats = self.fed.stats()
         self.totals = {"aggregate_s": 0.0, "wall_s": 0.0}    # carried over from a checkpoint on resume
-        self.notes: list[str] = list(algorithms.notes)
+        self.notes: list[str] = [*self.fed.notes, *algorithms.notes]
 
     def run(self, grid: Grid) -> dict:
         """Train for ``federation.rounds`` rounds and write every result file."""

@@ -189,3 +189,16 @@ def test_lr_plot_only_with_a_schedule_and_on_two_panels(tmp_path):
     run_scenario(parse_scenario(SCENARIO + "lr_schedule: {kind: fedhyper, variant: g+cl}\n"), hyper, progress="none")
     width, height = Image.open(hyper / "plots/lr.png").size
     assert width > 1.8 * height, "two panels side by side"
+
+
+@pytest.mark.parametrize("overrides,note", [
+    (["data.root=/srv/data"], "note: data.root: 'digits' is bundled with its package, so data.root (/srv/data) is not used"),
+    (["data.partition={kind: shards, num_clients: 6, classes_per_client: 10}"],
+     "note: data.partition: shards with classes_per_client 10 >= the 10 classes gives every client every class"),
+])
+def test_settings_without_the_expected_effect_are_said(scenario, capsys, overrides, note):
+    """``validate`` (and ``run``, as a warning) says when a setting does nothing or not what it
+    seems: a data.root for a bundled set, shards that give every client every class. Catches the
+    silent IID split and the silently ignored root."""
+    assert main(["validate", str(scenario)] + [w for o in overrides for w in ("--set", o)]) == 0
+    assert note in _err(capsys)
