@@ -202,3 +202,22 @@ def test_settings_without_the_expected_effect_are_said(scenario, capsys, overrid
     silent IID split and the silently ignored root."""
     assert main(["validate", str(scenario)] + [w for o in overrides for w in ("--set", o)]) == 0
     assert note in _err(capsys)
+
+
+def test_commands_in_messages_are_never_wrapped(scenario, capsys, monkeypatch):
+    """Output that is not a terminal (CI logs, pipes) is not hard-wrapped at 80 columns, so a command
+    a message suggests can be copied whole. Catches ``sudo apt-get install ...`` split across lines."""
+    import fedsim.federation
+    from fedsim.data import DataUnavailableError
+
+    command = "sudo apt-get install -y dataset-fashion-mnist   # or put the four idx files into data.root"
+    message = "fashion_mnist: the idx files are not in /usr/share/datasets/fashion-mnist nor in data.root; " + command
+
+    def unavailable(*args, **kwargs):
+        raise DataUnavailableError(message)
+
+    monkeypatch.setattr(fedsim.federation, "load_dataset", unavailable)
+    assert main(["validate", str(scenario)]) == 0
+    assert command in _err(capsys)
+    assert main(["run", str(scenario), "--out", str(scenario.parent / "r"), "--quiet"]) == 2
+    assert command in _err(capsys)
