@@ -28,7 +28,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from fedsim.algorithms import fedhyper, optimizers, scaffold
+from fedsim.algorithms import fedhyper, optimizers, robust, scaffold
 from fedsim.algorithms.fedprox import FedProx
 from fedsim.core.client import ClientPlugin
 from fedsim.core.server import Server, ServerPlugin
@@ -73,25 +73,52 @@ def register(section: str, name: str) -> Callable[[Builder], Builder]:
 # ----------------------------------------------------------------- strategy.name
 
 
+def _robust(cfg: Any, fed: Federation, parts: Parts) -> Parts:
+    """Every strategy's ``robust`` / ``max_update_norm``: a :class:`~fedsim.algorithms.robust.RobustAggregation`
+    server plugin replacing the weighted mean (none when neither key is set)."""
+    if cfg.robust is None and cfg.max_update_norm is None:
+        return parts
+    problems, n = [], fed.cohort_size
+    key = "robust" if cfg.robust is not None else "max_update_norm"
+    privacy = fed.scenario.privacy
+    if privacy is not None and privacy.unit == "client":
+        problems.append(f"strategy.{key}: client-level DP (privacy.unit: client) replaces the aggregate with a "
+                        f"clipped, noised sum, which its guarantee depends on; drop strategy.{key} or use "
+                        "privacy.unit: example")
+    f = cfg.robust_byzantine
+    if cfg.robust == "krum" and n <= 2 * f + 2:
+        problems.append(f"strategy.robust_byzantine: Krum with f={f} attackers needs more than 2f + 2 = {2 * f + 2} "
+                        f"clients per round; this scenario samples {n} (assume at most f = {max((n - 3) // 2, 0)} "
+                        "attackers, or sample more clients)")
+    if problems:
+        raise ScenarioError(f"scenario '{fed.scenario.name}'", problems)
+    if cfg.robust == "trimmed_mean" and robust.trim_count(n, cfg.robust_trim) == 0:
+        parts.notes.append(f"strategy.robust_trim {cfg.robust_trim} of {n} clients per round trims none: the trimmed "
+                           f"mean is the plain mean; set robust_trim to at least {1 / n:.3g}")
+    parts.server_plugins.append(robust.RobustAggregation("robust", rule=cfg.robust, trim=cfg.robust_trim,
+                                                         byzantine=f or 0, max_update_norm=cfg.max_update_norm))
+    return parts
+
+
 @register("strategy", "fedavg")
 def _fedavg(cfg: Any, fed: Federation) -> Parts:
-    return Parts(optimizers.fedavg(cfg.server_lr))
+    return _robust(cfg, fed, Parts(optimizers.fedavg(cfg.server_lr)))
 
 
 @register("strategy", "fedavgm")
 def _fedavgm(cfg: Any, fed: Federation) -> Parts:
-    return Parts(optimizers.fedavgm(cfg.server_lr, cfg.server_momentum))
+    return _robust(cfg, fed, Parts(optimizers.fedavgm(cfg.server_lr, cfg.server_momentum)))
 
 
 @register("strategy", "fedadam")
 def _fedadam(cfg: Any, fed: Federation) -> Parts:
-    return Parts(optimizers.fedadam(cfg.server_lr, cfg.beta_1, cfg.beta_2, cfg.tau))
+    return _robust(cfg, fed, Parts(optimizers.fedadam(cfg.server_lr, cfg.beta_1, cfg.beta_2, cfg.tau)))
 
 
 @register("strategy", "fedprox")
 def _fedprox(cfg: Any, fed: Federation) -> Parts:
-    return Parts(optimizers.fedavg(cfg.server_lr), client_plugins=[FedProx("fedprox", cfg.proximal_mu)]
-                 if cfg.proximal_mu > 0 else [])
+    prox = [FedProx("fedprox", cfg.proximal_mu)] if cfg.proximal_mu > 0 else []
+    return _robust(cfg, fed, Parts(optimizers.fedavg(cfg.server_lr), client_plugins=prox))
 
 
 @register("strategy", "scaffold")
@@ -100,8 +127,8 @@ def _scaffold(cfg: Any, fed: Federation) -> Parts:
     momentum = fed.scenario.federation.local.momentum
     notes = [f"strategy 'scaffold' with local momentum {momentum}: option II's control variates assume plain SGD "
              "steps; set federation.local.momentum: 0 for the paper's algorithm"] if momentum > 0 else []
-    return Parts(optimizers.fedavg(cfg.server_lr), [scaffold.ScaffoldServer("scaffold", trainable)],
-                 [scaffold.ScaffoldClient("scaffold")], notes=notes)
+    return _robust(cfg, fed, Parts(optimizers.fedavg(cfg.server_lr), [scaffold.ScaffoldServer("scaffold", trainable)],
+                                   [scaffold.ScaffoldClient("scaffold")], notes=notes))
 
 
 # ----------------------------------------------------------------- lr_schedule.kind

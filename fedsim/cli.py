@@ -76,6 +76,7 @@ def _load(path: str, overrides: list[str], console: Console):
 def _validate(args: argparse.Namespace, console: Console) -> int:
     """The schema, then what needs the data: the partition, the cohort size and the model on the
     data's shapes (skipped, with a note, where the data set is not available here)."""
+    from fedsim.builder import build
     from fedsim.data import DataUnavailableError
     from fedsim.federation import Federation
     from fedsim.scenario import ScenarioError
@@ -88,6 +89,7 @@ def _validate(args: argparse.Namespace, console: Console) -> int:
             continue
         try:
             fed = Federation(scn)
+            build(scn, fed)                  # the algorithms' checks (Krum's f, DP's delta, explorers, ...)
         except DataUnavailableError as exc:
             console.print(f"{path}: schema ok ({scn.name}); partition and model not checked, the data set is not "
                           f"available here: {exc}", highlight=False, markup=False)

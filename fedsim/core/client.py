@@ -204,14 +204,16 @@ class ClientPlugin:
         name: equal to its server side's name (it receives that plugin's downlink).
         private: keys of this plugin's client state that must never leave the client.
         stateful: whether it keeps client state across rounds (resume needs that state).
-        keep_on_resume: its state must never roll back (a privacy ledger: steps taken after the
-            checkpoint were spent); resume keeps the current state instead of the snapshot's.
+        keep_on_resume: the keys of its (dict) state that must never roll back, e.g. a privacy
+            ledger (steps taken after the checkpoint were spent): resume keeps their current values
+            and takes the rest from the checkpoint's snapshot, so that algorithm state such as
+            DiceSGD's error feedback is the checkpoint's (the run then continues as it would have).
     """
 
     name: str = ""
     private: frozenset[str] = frozenset()
     stateful: bool = False
-    keep_on_resume: bool = False
+    keep_on_resume: frozenset[str] = frozenset()
 
     def takes_part(self, phase: str) -> bool:
         """Whether this plugin runs in rounds of ``phase`` (default: ordinary training rounds)."""

@@ -34,6 +34,7 @@ from fedsim.flower.compat import message_nbytes
 from fedsim.flower.strategy import FedsimStrategy, RoundOutcome
 from fedsim.progress import RoundProgress
 from fedsim.results import MetricsWriter, build_summary, bundle, plot_run, read_metrics, save_checkpoint, write_json
+from fedsim.flower.replies import count_kinds
 from fedsim.flower.state_store import restore_snapshot
 from fedsim.results.checkpoint import (checkpoint_path, iter_intact, prune_checkpoints, snapshot_client_state,
                                        snapshot_path)
@@ -143,6 +144,7 @@ class ServerLoop:
         row.update(self._server_eval(rnd, arrays))
         if outcome.rejected:
             row["rejected_reasons"] = [f"client {c}: {r}" for c, r in outcome.rejected]
+            row["rejected_by_reason"] = count_kinds(r for _, r in outcome.rejected)
         events = grid.take_events() if hasattr(grid, "take_events") else []   # fedsim's own grids report restarts
         if events:
             row["events"] = events
@@ -204,7 +206,7 @@ class ServerLoop:
                               "fedsim version") from None
         self._check_client_state_resumes()
         restore_snapshot(snapshot_path(path), self.out / "client_state",
-                         keep=[p.name for p in self.client_plugins if p.keep_on_resume])
+                         keep={p.name: p.keep_on_resume for p in self.client_plugins})
         for name in ("metrics.jsonl", CLIENTS_NAME):      # rewrite without the rounds after the checkpoint
             kept = [r for r in read_metrics(self.out, name) if r["round"] <= done] if (self.out / name).exists() else []
             with MetricsWriter(self.out, name=name, csv_name="metrics.csv" if name == "metrics.jsonl" else None) as w:

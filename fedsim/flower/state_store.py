@@ -2,18 +2,18 @@
 
 One file per node, ``node-<id>.pb``: Flower's own RecordDict protobuf (never pickle),
 written atomically with mode 0600 (it may hold private data, e.g. DiceSGD's error buffer).
-:func:`restore_snapshot` puts a checkpoint's snapshot back, keeping the current state of the
-plugins whose state must never roll back (privacy ledgers).
+:func:`restore_snapshot` puts a checkpoint's snapshot back, keeping the current values of the
+state keys that must never roll back (privacy ledgers).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Collection
+from typing import Collection, Mapping
 
 from flwr.app import RecordDict
 
-from fedsim.flower.codec import state_plugin
+from fedsim.flower.codec import load_client_state, save_client_state, state_plugin
 from fedsim.flower.compat import recorddict_from_bytes, recorddict_to_bytes
 from fedsim.results.checkpoint import restore_client_state
 from fedsim.runtime.files import atomic_write_bytes
@@ -39,18 +39,21 @@ def save_state(state_dir: Path | None, node_id: int, state: RecordDict) -> None:
     atomic_write_bytes(state_path(state_dir, node_id), recorddict_to_bytes(state), mode=0o600)
 
 
-def restore_snapshot(snapshot: Path, state_dir: Path, keep: Collection[str] = ()) -> None:
-    """Make ``state_dir`` the snapshot's client state, except the records of the plugins in
-    ``keep``, which keep their current (newer) content."""
+def restore_snapshot(snapshot: Path, state_dir: Path, keep: Mapping[str, Collection[str]] | None = None) -> None:
+    """Make ``state_dir`` the snapshot's client state, except, per plugin in ``keep``, the listed
+    keys of each client's (dict) state, which keep their current (newer) values."""
+    keep = {k: v for k, v in (keep or {}).items() if v}
     current = {p.name: load_state(state_dir, int(p.stem.removeprefix("node-")))
                for p in sorted(Path(state_dir).glob("node-*.pb"))} if keep and Path(state_dir).is_dir() else {}
     restore_client_state(snapshot, state_dir)
     for name, now in current.items():
         node = int(name.removeprefix("node-").removesuffix(".pb"))
         merged = load_state(state_dir, node)
-        for key in [k for k in merged.keys() if state_plugin(k) in keep]:
-            del merged[key]
-        for key, record in now.items():
-            if state_plugin(key) in keep:
-                merged[key] = record
+        owners = {(int(k.split("/")[0].removeprefix("client-")), state_plugin(k)) for k in now.keys()
+                  if state_plugin(k) in keep}
+        for cid, plugin in sorted(owners):
+            newer = load_client_state(now, cid, plugin) or {}
+            value = dict(load_client_state(merged, cid, plugin) or {})
+            value.update({k: newer[k] for k in keep[plugin] if k in newer})
+            save_client_state(merged, cid, plugin, value)
         save_state(state_dir, node, merged)

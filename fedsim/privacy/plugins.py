@@ -14,8 +14,10 @@ Record level (``unit: example``), on the client (:class:`RecordLevelClient`):
 The noise multiplier σ_k is explicit, or calibrated when the client first trains. The
 calibration takes the target ε over the most rounds the client could take part in:
 ``steps = τ R``, with τ its local steps per round. This never overshoots, whatever the
-participation. The client's ledger of (σ, q, steps) events lives in its state, which never
-rolls back (``keep_on_resume``). A client whose next round would take it past the target does
+participation. The client's ledger of (σ, q, steps) events lives in its state and never
+rolls back (``keep_on_resume``): after a crash, the steps of the interrupted round are counted
+again when the round is re-run (conservative: the lost replies may have been seen). DiceSGD's
+error state does roll back, with the model, so a resumed run trains as the straight run. A client whose next round would take it past the target does
 not train and says so: its reply is an error naming the ε it would reach.
 
 Client level (``unit: client``, :class:`ClientLevelServer`): every client update is clipped to
@@ -224,7 +226,8 @@ class RecordLevelClient(ClientPlugin):
         physical_batch_size: split Poisson batches into physical batches of this size.
     """
 
-    stateful = keep_on_resume = True
+    stateful = True
+    keep_on_resume = frozenset({"ledger"})      # spent is spent; the error feedback rolls back with the model
     private = frozenset({"error"})
 
     def __init__(self, name: str, *, mechanism: str, clip: float, noise_multiplier: float | None,

@@ -9,7 +9,8 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, ValidationInfo, field_validator,
+                      model_serializer, model_validator)
 
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -127,18 +128,69 @@ class FederationConfig(Section):
 
 
 # ----------------------------------------------------------------------- strategy
-class FedAvg(Section):
+RobustRule = Literal["trimmed_mean", "median", "krum"]
+_ROBUST_KEYS = ("robust", "robust_trim", "robust_byzantine", "max_update_norm")
+
+
+class StrategyRobustness(Section):
+    """Keys every strategy accepts (``fedsim.algorithms.robust``): Byzantine-robust aggregation
+    and a norm guard, both replacing the weighted mean of the client updates.
+
+    ``robust``: ``trimmed_mean`` (per coordinate, drop the ``robust_trim`` fraction on each side,
+    default 0.1; trim at least f/n to stop f attackers), ``median`` (coordinate-wise), or ``krum``
+    (multi-Krum: keep the n - f updates closest to their neighbours, ``robust_byzantine: f``
+    attackers assumed, needs n > 2f + 2 clients per round). The robust rules weight every update
+    equally. ``max_update_norm``: replies whose update L2 norm exceeds it are left out of the
+    aggregate (rejected, not clipped; counted as ``update_norm_rejected``). Neither combines with
+    client-level DP, which replaces the aggregate itself.
+
+    The keys are left out of the resolved config while at their defaults, so a scenario that does
+    not use them keeps its fingerprint (``config_sha256``)."""
+
+    robust: RobustRule | None = None
+    robust_trim: Annotated[float, Field(ge=0, lt=0.5)] = 0.1
+    robust_byzantine: Annotated[int, Field(ge=1)] | None = Field(default=None, validate_default=True)
+    max_update_norm: PositiveFloat | None = None
+
+    @field_validator("robust_trim")
+    @classmethod
+    def _trim_needs_trimmed_mean(cls, value: float, info: ValidationInfo) -> float:
+        if "robust" in info.data and info.data["robust"] != "trimmed_mean":     # only when given
+            raise ValueError(f"applies to robust: trimmed_mean only (robust is {info.data['robust']!r})")
+        return value
+
+    @field_validator("robust_byzantine")
+    @classmethod
+    def _byzantine_with_krum(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if "robust" not in info.data:
+            return value
+        if info.data["robust"] == "krum" and value is None:
+            raise ValueError("robust: krum needs robust_byzantine: f, the number of attackers assumed per round")
+        if info.data["robust"] != "krum" and value is not None:
+            raise ValueError(f"applies to robust: krum only (robust is {info.data['robust']!r})")
+        return value
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        fields = type(self).model_fields
+        robust = {k: data.pop(k) for k in _ROBUST_KEYS if k in data}
+        data.update({k: v for k, v in robust.items() if v != fields[k].default})     # after the strategy's keys
+        return data
+
+
+class FedAvg(StrategyRobustness):
     name: Literal["fedavg"]
     server_lr: PositiveFloat = 1.0
 
 
-class FedAvgM(Section):
+class FedAvgM(StrategyRobustness):
     name: Literal["fedavgm"]
     server_lr: PositiveFloat = 1.0
     server_momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
 
 
-class FedAdam(Section):
+class FedAdam(StrategyRobustness):
     name: Literal["fedadam"]
     server_lr: PositiveFloat = 0.01
     beta_1: Annotated[float, Field(ge=0, lt=1)] = 0.9
@@ -146,16 +198,17 @@ class FedAdam(Section):
     tau: PositiveFloat = 1e-3
 
 
-class FedProx(Section):
+class FedProx(StrategyRobustness):
     name: Literal["fedprox"]
     server_lr: PositiveFloat = 1.0
     proximal_mu: NonNegFloat = 0.01
 
 
-class Scaffold(Section):
+class Scaffold(StrategyRobustness):
     """SCAFFOLD (Karimireddy et al., arXiv:1910.06378, option II): control variates correct the
     clients' drift; each client keeps its ``c_i`` across the rounds it takes part in. Local
-    training must be SGD (``federation.local.optimizer: sgd``)."""
+    training must be SGD (``federation.local.optimizer: sgd``). A robust rule covers the model
+    update only; the control variate ``c`` still averages every accepted reply's ``delta_c``."""
 
     name: Literal["scaffold"]
     server_lr: PositiveFloat = 1.0

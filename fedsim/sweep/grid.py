@@ -29,6 +29,9 @@ from typing import Any
 
 import yaml
 
+from fedsim.scenario.errors import ScenarioError
+from fedsim.scenario.yaml_read import MAX_BYTES, decode_text, read_yaml
+
 __all__ = ["Axis", "Cell", "Grid", "GridError", "Method", "load_grid", "parse_grid", "select_cells",
            "subset_indices", "value_text"]
 
@@ -197,9 +200,13 @@ def load_grid(path: str | Path, extra: Iterable[str] = ()) -> Grid:
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as file:
+            data = file.read(MAX_BYTES + 1)
+        text = decode_text(data, str(path))
     except OSError as exc:
         raise GridError(str(path), [f"cannot read the grid file: {exc.strerror or exc}"]) from None
+    except ScenarioError as exc:             # binary, not UTF-8, empty or too large
+        raise GridError(str(path), exc.problems) from None
     return parse_grid(text, base_dir=path.parent, source=str(path), extra=extra)
 
 
@@ -207,11 +214,11 @@ def parse_grid(text: str, *, base_dir: str | Path, source: str = "<grid>", extra
                check_files: bool = True) -> Grid:
     """Validate grid YAML text. ``scenario`` is resolved against ``base_dir`` (the grid file's folder)."""
     try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-        raise GridError(source, [f"{where}YAML error: {getattr(exc, 'problem', None) or exc}"]) from None
+        raw, duplicates = read_yaml(text, source)     # bounded like a scenario; duplicate keys are problems
+    except ScenarioError as exc:
+        raise GridError(source, exc.problems) from None
+    if duplicates:
+        raise GridError(source, duplicates)
     if not isinstance(raw, dict):
         raise GridError(source, ["the grid file must be a mapping (scenario:, axes:, seeds:, ...)"])
     p = _Parser(source, Path(base_dir), check_files)
@@ -423,8 +430,9 @@ class _Parser:
 def _base_seed(scenario: Path) -> int:
     """The base scenario file's own ``seed`` (the default of ``seeds``), else 0 (the schema default)."""
     try:
-        raw = yaml.safe_load(scenario.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
+        with scenario.open("rb") as file:
+            raw, _ = read_yaml(decode_text(file.read(MAX_BYTES + 1), str(scenario)), str(scenario))
+    except (OSError, ScenarioError):
         return 0            # the scenario's own problems are reported when the cells are validated
     seed = raw.get("seed") if isinstance(raw, dict) else None
     return seed if isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0 else 0

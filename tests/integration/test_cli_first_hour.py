@@ -115,6 +115,8 @@ def test_interrupted_without_checkpoints_says_how_to_get_them(tmp_path, scenario
      "model.name: 'char_lstm' cannot take the inputs of data set 'breast_cancer'"),
     (["model.options.hidden=[0]"], "model.options.hidden: every size must be an integer >= 1 (got [0])"),
     (["data.partition.min_size=1000"], "data.partition: the data has only 1437 samples for 6 clients x min_size 1000"),
+    (["strategy={name: fedavg, robust: krum, robust_byzantine: 1}"],
+     "strategy.robust_byzantine: Krum with f=1 attackers needs more than 2f + 2 = 4 clients per round"),
 ])
 def test_validate_checks_what_needs_the_data(tmp_path, scenario, capsys, overrides, message):
     """``validate`` builds the partition and the model on the data's shapes, so what ``run`` would
@@ -217,6 +219,7 @@ def test_commands_in_messages_are_never_wrapped(scenario, capsys, monkeypatch):
         raise DataUnavailableError(message)
 
     monkeypatch.setattr(fedsim.federation, "load_dataset", unavailable)
+    monkeypatch.setattr(fedsim.federation, "_CACHE", type(fedsim.federation._CACHE)())   # no federation built earlier
     assert main(["validate", str(scenario)]) == 0
     assert command in _err(capsys)
     assert main(["run", str(scenario), "--out", str(scenario.parent / "r"), "--quiet"]) == 2

@@ -118,7 +118,8 @@ class Ledger(ClientPlugin):
     """Counts the rounds a client trained in, like a privacy ledger: it must never roll back."""
 
     name = "ledger"
-    stateful = keep_on_resume = True
+    stateful = True
+    keep_on_resume = frozenset({"rounds"})
 
     def begin(self, run, downlink, state):
         count = (state or {}).get("rounds", 0)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from safetensors.numpy import load_file
 
 from fedsim.engine import run_scenario
@@ -33,7 +34,9 @@ engine: {kind: inprocess}
 
 
 def _run(tmp_path: Path, name: str, privacy: str, extra: str = "", **kw) -> Path:
-    run_scenario(parse_scenario(BASE + extra + f"privacy: {privacy}\n"), tmp_path / name, progress="none", **kw)
+    sections = {**(yaml.safe_load(extra) or {}), "privacy": yaml.safe_load(privacy)}     # extra replaces BASE's
+    scn = parse_scenario(BASE, overrides=[f"{k}={json.dumps(v)}" for k, v in sections.items()])
+    run_scenario(scn, tmp_path / name, progress="none", **kw)
     return tmp_path / name
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from safetensors.numpy import load_file
 
 from clients.app import app as client_app
@@ -37,8 +38,13 @@ engine: {kind: inprocess}
 EXPLORE = "explore_epochs: 3, patience: 2, explore_batch_size: 32, explore_lr: 0.01"
 
 
+def _with(extra: str):
+    """BASE with the top-level sections of ``extra`` replacing BASE's (a repeated key is an error)."""
+    return parse_scenario(BASE, overrides=[f"{k}={json.dumps(v)}" for k, v in (yaml.safe_load(extra) or {}).items()])
+
+
 def _run(tmp_path: Path, name: str, extra: str = "", progress: str = "none", **kw) -> Path:
-    run_scenario(parse_scenario(BASE + extra), tmp_path / name, progress=progress, **kw)
+    run_scenario(_with(extra), tmp_path / name, progress=progress, **kw)
     return tmp_path / name
 
 

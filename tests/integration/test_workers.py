@@ -64,6 +64,7 @@ def test_dead_worker_reported_round_continues_and_restarts(tmp_path, tiny_yaml):
     assert rows[0]["clients"] == 6
     assert rows[1]["rejected"] == 3 and rows[1]["clients"] == 3            # worker 0 serves clients 0, 2, 4
     assert all("worker 0 (cpu) died" in r for r in rows[1]["rejected_reasons"])
+    assert rows[1]["rejected_by_reason"] == {"client_error": 3}            # counted per kind in metrics.jsonl
     assert rows[2]["clients"] == 6 and grid.workers[0].restarts == 1      # restarted for round 3
     assert all(w.proc.poll() is not None for w in grid.workers), "a worker outlived the run"
     assert rows[1]["events"] == ["worker 0 (cpu) died (exit code -9) during the round; it is restarted before it "

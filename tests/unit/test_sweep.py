@@ -160,9 +160,9 @@ def test_cli_exit_2_without_traceback_for_a_bad_grid(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("text, expected", [
-    ("axes: [\n", "YAML error"),
+    ("axes: [\n", "YAML syntax error"),
     ("- a\n- b\n", "must be a mapping"),
-    ("scenario: !!python/object:os.system {}\n", "YAML error"),       # safe_load only
+    ("scenario: !!python/object:os.system {}\n", "unsupported YAML tag"),       # safe_load only
 ])
 def test_unreadable_grid_files(tmp_path, text, expected):
     with pytest.raises(GridError, match=expected):
@@ -479,3 +479,21 @@ def test_cells_csv_and_heat_values():
     assert xs == [1.0, 2.0] and ys == [0.001, 0.01]
     assert matrix == [[pytest.approx(50.0), None], [None, pytest.approx(80.0)]]
     assert heat_values(rows, grid, "g", "gain")[0] == [[pytest.approx(10.0), None], [None, None]]
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"\x89PNG\r\n\x1a\n\x00\x00", "not a text file"),
+    (b"scenario: a.yaml\nseeds: [0]\nseeds: [1]\n", "line 3: duplicate key 'seeds' at the top level"),
+    (b"a: &a [1]\n" + b"".join(f"b{i}: &b{i} [*{'a' if i == 0 else f'b{i - 1}'}, *{'a' if i == 0 else f'b{i - 1}'}]\n".encode()
+                               for i in range(30)), "alias bomb"),
+])
+def test_grid_files_are_read_like_scenarios(tmp_path, content, message):
+    """A grid file gets the scenario reader's bounds: binary files, duplicate keys and alias bombs
+    are GridErrors (one message, exit 2), not UnicodeDecodeError, a silent last-wins or a hang."""
+    from fedsim.sweep.grid import GridError, load_grid
+
+    path = tmp_path / "grid.yaml"
+    path.write_bytes(content)
+    with pytest.raises(GridError) as info:
+        load_grid(path)
+    assert any(message in p for p in info.value.problems), info.value.problems
