@@ -9,25 +9,16 @@ import pytest
 
 from fedsim.cli import main
 
-SCENARIO = """\
-name: first
-seed: 3
-data:
-  dataset: digits
-  partition: {kind: dirichlet, num_clients: 6, alpha: 0.5, min_size: 5}
-model: {name: mlp, options: {hidden: [16]}}
-federation:
-  rounds: 2
-  clients_per_round: 3
-  local: {steps: 2, batch_size: 16, lr: 0.1}
-engine: {kind: inprocess}
-"""
+@pytest.fixture
+def text(tiny_yaml) -> str:
+    """The shared tiny scenario, 2 rounds, in-process (6 clients, 3 per round)."""
+    return tiny_yaml.replace("rounds: 3", "rounds: 2") + "engine: {kind: inprocess}\n"
 
 
 @pytest.fixture
-def scenario(tmp_path):
+def scenario(tmp_path, text):
     path = tmp_path / "s.yaml"
-    path.write_text(SCENARIO)
+    path.write_text(text)
     return path
 
 
@@ -132,18 +123,18 @@ def test_validate_checks_what_needs_the_data(tmp_path, scenario, capsys, overrid
 
 def test_validate_ok(scenario, capsys):
     assert main(["validate", str(scenario)]) == 0
-    assert f"{scenario}: ok (first)" in _err(capsys)
+    assert f"{scenario}: ok (tiny)" in _err(capsys)
 
 
 @pytest.fixture
-def two_runs(tmp_path):
+def two_runs(tmp_path, text):
     """Two runs of one scenario that differ in the Dirichlet alpha only."""
     from fedsim.engine import run_scenario
     from fedsim.scenario import parse_scenario
 
     runs = tmp_path / "runs"
     for alpha in (0.5, 0.1):
-        run_scenario(parse_scenario(SCENARIO.replace("alpha: 0.5", f"alpha: {alpha}")), runs / f"a{alpha}",
+        run_scenario(parse_scenario(text.replace("alpha: 0.5", f"alpha: {alpha}")), runs / f"a{alpha}",
                      progress="none")
     return [runs / "a0.5", runs / "a0.1"]
 
@@ -175,7 +166,7 @@ def test_report_on_a_corrupt_run_or_an_unwritable_plot(two_runs, capsys):
     assert f"{two_runs[1] / 'metrics.jsonl'}:2: corrupt metrics line" in _err(capsys)
 
 
-def test_lr_plot_only_with_a_schedule_and_on_two_panels(tmp_path):
+def test_lr_plot_only_with_a_schedule_and_on_two_panels(tmp_path, text):
     """``plots/lr.png`` is drawn for a run with an LR schedule (server and client LR on panels of
     their own) and not for a constant-LR run. Catches the flat-looking client LR on the server
     LR's axis and an lr.png for runs whose LRs never change."""
@@ -185,10 +176,10 @@ def test_lr_plot_only_with_a_schedule_and_on_two_panels(tmp_path):
     from fedsim.scenario import parse_scenario
 
     plain = tmp_path / "plain"
-    run_scenario(parse_scenario(SCENARIO), plain, progress="none")
+    run_scenario(parse_scenario(text), plain, progress="none")
     assert not (plain / "plots/lr.png").exists()
     hyper = tmp_path / "hyper"
-    run_scenario(parse_scenario(SCENARIO + "lr_schedule: {kind: fedhyper, variant: g+cl}\n"), hyper, progress="none")
+    run_scenario(parse_scenario(text + "lr_schedule: {kind: fedhyper, variant: g+cl}\n"), hyper, progress="none")
     width, height = Image.open(hyper / "plots/lr.png").size
     assert width > 1.8 * height, "two panels side by side"
 
