@@ -219,6 +219,8 @@ def _check_origin(msg: Message, metrics: dict, exp: Expectation) -> None:
         raise ReplyError(f"client {cid} replied from node {msg.metadata.src_node_id}, not {exp.node_of[cid]}",
                          "sender")
     rnd = metrics.get("server-round")
+    if _is_int(rnd) and rnd < exp.server_round:          # an earlier round's reply that arrived late
+        raise ReplyError(f"stale reply for round {rnd}, not {exp.server_round}", "stale")
     if not _is_int(rnd) or rnd != exp.server_round:
         raise ReplyError(f"reply is for round {rnd!r}, not {exp.server_round}", "round")
     to = msg.metadata.reply_to_message_id
@@ -330,7 +332,7 @@ def _broadcasts(shape: tuple, target: tuple) -> bool:
 # ----------------------------------------------------------------- counting rejections by kind
 
 #: The kind of every rejection, as :func:`reason_kind` returns it.
-KINDS = ("client_error", "oversize", "decode", "metrics", "sender", "duplicate", "round", "names", "dtype",
+KINDS = ("client_error", "oversize", "decode", "metrics", "sender", "duplicate", "stale", "round", "names", "dtype",
          "shape", "nonfinite", "other")
 _RUNNER_PREFIX = re.compile(r"^client (\d+|None): ")
 _PATTERNS: tuple[tuple[str, re.Pattern], ...] = tuple((k, re.compile(p)) for k, p in (
@@ -339,6 +341,7 @@ _PATTERNS: tuple[tuple[str, re.Pattern], ...] = tuple((k, re.compile(p)) for k, 
     ("decode", r"^reply cannot be serialized|^array '.*' (cannot be decoded|is serialized as)"),
     ("duplicate", r"^duplicate reply"),
     ("sender", r"^client-id .* was not sampled|^client \d+ replied from node"),
+    ("stale", r"^stale reply for round"),
     ("round", r"^reply is for round"),
     ("metrics", r"^reply has no 'metrics' record|^metric '|^counter '|^num-examples must be"),
     ("names", r"^reply carries arrays|^reply carries unexpected array records|^reply has no '|^array names differ"),
@@ -368,7 +371,7 @@ def count_kinds(reasons: Iterable[str]) -> dict[str, int]:
     """``{kind: count}`` of rejection reasons (the ``rejected_by_reason`` of a round's row).
 
     Example:
-        >>> count_kinds(["client 1: reply is for round 3, not 4", "client 2: reply is for round 2, not 4"])
-        {'round': 2}
+        >>> count_kinds(["client 1: reply is for round 5, not 4", "client 2: stale reply for round 2, not 4"])
+        {'round': 1, 'stale': 1}
     """
     return dict(Counter(reason_kind(r) for r in reasons))

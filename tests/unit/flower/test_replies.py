@@ -254,7 +254,8 @@ def test_a_stale_or_forged_first_reply_does_not_block_the_real_one():
     """Catches marking a client seen before its origin is verified: a reply for another round, or
     from another node, would otherwise lock the honest client out of the round."""
     exp = _exp()
-    assert _rejected(_answer(1, **{"server-round": 0}), exp).kind == "round"
+    assert _rejected(_answer(1, **{"server-round": 0}), exp).kind == "stale"       # an earlier round's, late
+    assert _rejected(_answer(1, **{"server-round": 5}), exp).kind == "round"
     assert _rejected(_answer(1, sent=_sent(1, node=1003, mid="x")), exp).kind == "sender"
     assert isinstance(check_reply(_answer(1), exp), Accepted)
 
