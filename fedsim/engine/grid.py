@@ -5,10 +5,8 @@ from __future__ import annotations
 import uuid
 from typing import Iterable
 
-from flwr.app import Message, RecordDict
-from flwr.serverapp import Grid
 
-from fedsim.flower.compat import assign_message_id, empty_run
+from fedsim.flower.compat import Grid, Message, RecordDict, assign_message_id, empty_run
 
 #: Virtual node ids start here (Flower reserves small ids such as SUPERLINK_NODE_ID = 1).
 NODE_ID_BASE = 1_000

@@ -15,13 +15,11 @@ from __future__ import annotations
 from pathlib import Path
 from types import MappingProxyType
 
-from flwr.app import Context, Error, Message, RecordDict
-from flwr.clientapp import ClientApp
-from flwr.serverapp import Grid, ServerApp
 
 from fedsim.engine.grid import LocalGrid
 from fedsim.flower.codec import roundtrip
-from fedsim.flower.compat import CLIENT_EXCEPTION, set_server_identity
+from fedsim.flower.compat import (CLIENT_EXCEPTION, ClientApp, Context, Error, Grid, Message, RecordDict, ServerApp,
+                                  set_server_identity)
 from fedsim.flower.state_store import load_state, save_state
 from fedsim.scenario import Scenario
 

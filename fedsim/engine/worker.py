@@ -64,7 +64,7 @@ class WorkerService:
         self._authorize(ctx)
         if self.client_app is None:
             ctx.abort(grpc.StatusCode.FAILED_PRECONDITION, "worker not configured")
-        from flwr.app import Error, Message
+        from fedsim.flower.compat import Error, Message
 
         from fedsim.flower.compat import CLIENT_EXCEPTION, message_from_bytes, message_to_bytes
 
@@ -78,7 +78,7 @@ class WorkerService:
         return message_to_bytes(reply)
 
     def _context(self, node_id: int):
-        from flwr.app import Context
+        from fedsim.flower.compat import Context
 
         if node_id not in self.contexts:
             self.contexts[node_id] = Context(run_id=self.run_id, node_id=node_id, node_config={},

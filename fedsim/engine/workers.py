@@ -20,12 +20,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
-from flwr.app import Error, Message
 
 from fedsim.engine.grid import NODE_ID_BASE, LocalGrid
 from fedsim.engine.pool import (GRPC_OPTIONS, SERVICE, TOKEN_HEADER, WorkerProcess, WorkerStartError, start_worker,
                                 stop_workers, wait_ready)
-from fedsim.flower.compat import NODE_UNAVAILABLE, message_from_bytes, message_to_bytes
+from fedsim.flower.compat import NODE_UNAVAILABLE, Error, Message, message_from_bytes, message_to_bytes
 from fedsim.progress import format_duration
 from fedsim.scenario import Scenario, ScenarioError
 

@@ -28,10 +28,16 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import flwr
-from flwr.app import Message, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
+from flwr.serverapp import Grid, ServerApp
 
 from fedsim.errors import RunError
+
+#: Flower's public app API as fedsim's engines use it: they import it from here, so that fedsim/flower/
+#: is the only package that imports flwr.
+PUBLIC_API = ("ClientApp", "Context", "Error", "Grid", "Message", "RecordDict", "ServerApp")
 
 SUPPORTED = "1.41."
 

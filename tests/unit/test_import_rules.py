@@ -115,6 +115,18 @@ def test_no_flwr_import_statements_in_flwr_free_packages():
     assert offenders == []
 
 
+def test_only_fedsim_flower_imports_flwr():
+    """The engines reach Flower's app API through ``fedsim.flower.compat``, so an upgrade audits one
+    package. Catches a new ``from flwr...`` anywhere else (imports inside functions included)."""
+    offenders = []
+    for name, path in _modules().items():
+        if name.startswith("fedsim.") and not name.startswith("fedsim.flower"):
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+            if any(i == "flwr" or i.startswith("flwr.") for i in _imports(tree, name, path.name == "__init__.py", False)):
+                offenders.append(name)
+    assert offenders == []
+
+
 def test_no_module_import_cycles():
     mods = _modules()
     graph = {}
