@@ -63,10 +63,14 @@ def _state_keys(cid: int, plugin: str) -> tuple[str, str]:
     return f"client-{cid}/{plugin}", f"client-{cid}/{plugin}/tree"
 
 
-def state_plugin(key: str) -> str | None:
-    """The plugin a ``context.state`` record belongs to (None for other records)."""
+def state_owner(key: str) -> tuple[int, str] | None:
+    """``(client id, plugin)`` of a ``context.state`` record written by :func:`save_client_state`
+    (None for other records)."""
     parts = key.split("/")
-    return parts[1] if key.startswith("client-") and len(parts) in (2, 3) else None
+    if not (key.startswith("client-") and len(parts) in (2, 3)):
+        return None
+    cid = parts[0].removeprefix("client-")
+    return (int(cid), parts[1]) if cid.isdigit() else None
 
 
 def load_client_state(state: RecordDict, cid: int, plugin: str) -> Any:

@@ -13,7 +13,7 @@ from typing import Collection, Mapping
 
 from flwr.app import RecordDict
 
-from fedsim.flower.codec import load_client_state, save_client_state, state_plugin
+from fedsim.flower.codec import load_client_state, save_client_state, state_owner
 from fedsim.flower.compat import recorddict_from_bytes, recorddict_to_bytes
 from fedsim.results.checkpoint import restore_client_state
 from fedsim.runtime.files import atomic_write_bytes
@@ -49,8 +49,7 @@ def restore_snapshot(snapshot: Path, state_dir: Path, keep: Mapping[str, Collect
     for name, now in current.items():
         node = int(name.removeprefix("node-").removesuffix(".pb"))
         merged = load_state(state_dir, node)
-        owners = {(int(k.split("/")[0].removeprefix("client-")), state_plugin(k)) for k in now.keys()
-                  if state_plugin(k) in keep}
+        owners = {owner for k in now.keys() if (owner := state_owner(k)) and owner[1] in keep}
         for cid, plugin in sorted(owners):
             newer = load_client_state(now, cid, plugin) or {}
             value = dict(load_client_state(merged, cid, plugin) or {})

@@ -94,6 +94,8 @@ def config_differences(run_dirs: list[str | Path]) -> list[dict[str, Any]]:
 
     Runs without a readable ``config.yaml`` get ``{}``; a key a run lacks counts as ``None``.
     """
+    if len(run_dirs) < 2:                    # nothing to tell apart (a sweep reads its cells one by one)
+        return [{} for _ in run_dirs]
     configs = [_resolved_config(Path(d)) for d in run_dirs]
     known = [c for c in configs if c is not None]
     if len(known) < 2:

@@ -147,19 +147,24 @@ def test_sparse_bytes_on_the_wire(tmp_path, autoflip):
             assert abs(b[f"bytes_{way}_dense"] - a[f"bytes_{way}"]) <= b["clients"] * (1024 + 0.01 * a[f"bytes_{way}"] / a["clients"])
 
 
+def _server(pruning: str):
+    """The pruning run's server on its contract (no engine): ``(fed, server, params, names, state)``."""
+    from fedsim.builder import build
+    from fedsim.federation import Federation
+
+    fed = Federation(parse_scenario(BASE + f"pruning: {pruning}\n"))
+    server = build(fed.scenario, fed).server
+    params = fed.initial_arrays()
+    return fed, server, params, fed.trainable_names(), server.init(params)
+
+
 def test_bitmap_only_when_the_client_lacks_the_mask():
     """A10's second half on the server contract: the bitmap (ceil(|P_M|/8) bytes: the weights only, an
     unstructured mask never zeroes a bias) goes to a client the first time it takes part after a
     mask change, never again. Catches a bitmap in every message, and one that carries every tensor."""
-    from fedsim.builder import build
     from fedsim.core.server import ClientUpdate
-    from fedsim.federation import Federation
 
-    scn = parse_scenario(BASE + "pruning: {kind: random, sparsity: 0.5}\n")
-    fed = Federation(scn)
-    server = build(scn, fed).server
-    params = fed.initial_arrays()
-    state = server.init(params)
+    fed, server, params, _, state = _server("{kind: random, sparsity: 0.5}")
     plan = server.plan(state, 1, params)
     first = server.client_downlink(state, plan, 2)
     bits = first.arrays["pruning.bitmap"]["bits"]
@@ -178,16 +183,10 @@ def test_mask_refresh_rebuilds_from_the_round_updates():
     sends the new bitmap to clients that held the old one. Catches a refresh that keeps the old mask,
     reads sparse (masked) uploads so that pruned entries can never come back, or leaves the
     clients' cached mask (and DiceSGD's error basis) stale."""
-    from fedsim.builder import build
     from fedsim.core.server import ClientUpdate
-    from fedsim.federation import Federation
 
-    scn = parse_scenario(BASE + f"pruning: {{sparsity: 0.5, structured_sparsity: 0.0, mask_update: every_k_rounds, "
-                                f"mask_update_every: 2, {EXPLORE}}}\n")
-    fed = Federation(scn)
-    server = build(scn, fed).server
-    params, names = fed.initial_arrays(), fed.trainable_names()
-    state = server.init(params)
+    fed, server, params, names, state = _server(f"{{sparsity: 0.5, structured_sparsity: 0.0, "
+                                                f"mask_update: every_k_rounds, mask_update_every: 2, {EXPLORE}}}")
     rng = np.random.default_rng(0)
     plan = server.plan(state, 0, params)
     explored = [ClientUpdate(c, 10.0, {}, groups={"pruning": {"deviation": {k: rng.random(params[k].shape, np.float32)
@@ -226,16 +225,10 @@ def test_start_from_explored_is_the_explorers_mean_under_the_mask():
     models as well as their deviations, and θ¹ is the explorers' weighted mean (n_k with
     ``explore_weighting: num_examples``) under the mask. Catches θ⁰ kept (the default's start),
     uniform weights where n_k were asked for, and a start point left unmasked."""
-    from fedsim.builder import build
     from fedsim.core.server import ClientUpdate
-    from fedsim.federation import Federation
 
-    scn = parse_scenario(BASE + f"pruning: {{sparsity: 0.5, start_from: explored, explore_weighting: num_examples, "
-                                f"{EXPLORE}}}\n")
-    fed = Federation(scn)
-    server = build(scn, fed).server
-    params, names = fed.initial_arrays(), fed.trainable_names()
-    state = server.init(params)
+    fed, server, params, names, state = _server(f"{{sparsity: 0.5, start_from: explored, "
+                                                f"explore_weighting: num_examples, {EXPLORE}}}")
     plan = server.plan(state, 0, params)
     assert plan.scalars["pruning.send_explored"] == 1 and set(plan.model_spec) == set(params)
     rng = np.random.default_rng(1)
