@@ -196,7 +196,11 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         console.print(str(exc), highlight=False, markup=False)
         return EXIT_USAGE
     except RunError as exc:
+        from fedsim.results.checkpoint import round_checkpoints
         console.print(f"run failed: {exc}", highlight=False, markup=False)
+        if round_checkpoints(out) and not (out / "summary.json").exists():
+            console.print(f"once fixed, continue from the last checkpoint with:\n  {_resume_command(args, out)}",
+                          highlight=False, markup=False, soft_wrap=True)
         return EXIT_FAILED
     acc = summary.get("final_accuracy")
     acc_text = f"{100 * acc:.2f}%" if isinstance(acc, (int, float)) else "n/a"

@@ -210,6 +210,12 @@ class ServerPlugin:
         """Fold the round's accepted replies into the state (and optionally the global arrays)."""
         return PluginUpdate(state)
 
+    def skipped(self, state: Any, result: RoundResult) -> Any:
+        """The new state after a round that is not aggregated (fewer accepted replies than
+        ``federation.min_replies``): ``result.replies`` came but change nothing. Default: the state
+        as it was; a privacy plugin still accounts what those replies spent."""
+        return state
+
     def combine(self, state: Any, server_round: int, params: Named, replies: Sequence["ClientUpdate"],
                 weights: Sequence[float]) -> Named | None:
         """The round's aggregate update ``delta`` instead of the weighted mean (None: the mean)."""
@@ -378,6 +384,18 @@ class Server:
             basis_id += int(upd.basis_changed)
         new_state = {"basis_id": basis_id, "optimizer": opt_state, "plugins": plugin_states}
         return new_params, new_state, self.metrics(new_state)
+
+    def skip(self, state: dict, plan: RoundPlan, params: Named, replies: Sequence[ClientUpdate]) -> tuple[dict, dict]:
+        """The state and server metrics after a round that is not aggregated: the model, the optimizer
+        and every plugin stay as they were, except what a plugin's :meth:`ServerPlugin.skipped` keeps
+        of the ``replies`` that did come (privacy spent)."""
+        plugin_states = dict(state["plugins"])
+        for p in self.plugins:
+            if p.name in plan.plugins:
+                result = RoundResult(plan.server_round, plan.phase, params, params, None, replies, self.num_clients)
+                plugin_states[p.name] = p.skipped(plugin_states[p.name], result)
+        new_state = {**state, "plugins": plugin_states}
+        return new_state, self.metrics(new_state)
 
     def _combine(self, state: dict, plan: RoundPlan, params: Named, replies: Sequence[ClientUpdate],
                  weights: list[float]) -> Named:

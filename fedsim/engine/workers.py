@@ -156,8 +156,8 @@ class WorkerGrid(LocalGrid):
         event = f"worker {i} ({w.device}) {what} during the round; it is restarted before it serves again"
         if event not in self._events:
             self._events.append(event)
-        reason = (f"worker {i} ({w.device}) {what} while serving client {msg.metadata.dst_node_id - NODE_ID_BASE}; "
-                  f"log tail:\n{w.log_tail(8)}")
+        reason = (f"worker {i} ({w.device}) {what} while serving client {msg.metadata.dst_node_id - NODE_ID_BASE}\n"
+                  f"the end of its log ({w.log_path}):\n{w.log_tail(8)}")
         return Message(Error(code=NODE_UNAVAILABLE, reason=reason), reply_to=msg)
 
 

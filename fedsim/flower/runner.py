@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context
+from flwr.app import ConfigRecord, Context, Message
 from flwr.serverapp import Grid
 
 import fedsim
@@ -28,8 +28,8 @@ from fedsim.builder import build
 from fedsim.core.state import flatten, unflatten
 from fedsim.errors import ResumeError, RunError
 from fedsim.federation import Federation, get_federation
-from fedsim.flower.codec import (FORCE_KEY, MIN_NODES_KEY, NODE_WAIT_KEY, OUT_DIR_KEY, PROGRESS_KEY, RESUME_KEY,
-                                 SHIP_KEY, scenario_from_config, to_record)
+from fedsim.flower.codec import (CONFIG_RECORD, FORCE_KEY, MIN_NODES_KEY, NODE_WAIT_KEY, OUT_DIR_KEY, PROGRESS_KEY,
+                                 RESUME_KEY, SHIP_KEY, scenario_from_config, to_record)
 from fedsim.flower.compat import message_nbytes
 from fedsim.flower.strategy import FedsimStrategy, RoundOutcome
 from fedsim.progress import RoundProgress
@@ -115,9 +115,8 @@ class ServerLoop:
                 bar.update(rnd, row)
                 for event in row.get("events", []):
                     bar.warn(f"round {rnd}: {event}")
-                if not row["clients"]:
-                    bar.note(f"[yellow]round {rnd}: no client reply was accepted[/yellow] "
-                             f"({'; '.join(row.get('rejected_reasons', []))[:300]})")
+                if row.get("skipped"):
+                    self._too_few(bar, rnd, row)
                 self._maybe_checkpoint(rnd, arrays, time.perf_counter() - start)
         summary = self._finish(rows, arrays, time.perf_counter() - start)
         if rows and not any(r["clients"] for r in rows):
@@ -132,7 +131,9 @@ class ServerLoop:
         st = self.strategy
         msgs = st.configure_train(rnd, to_record(arrays), ConfigRecord(), grid)
         bytes_down = sum(message_nbytes(m) for m in msgs)
-        outcome = st.aggregate(rnd, grid.send_and_receive(msgs, timeout=self.scn.federation.round_timeout_s))
+        replies, resent, retry_events = self._train_replies(grid, msgs)
+        bytes_down += sum(message_nbytes(m) for m in resent)
+        outcome = st.aggregate(rnd, replies)
         if outcome.arrays is not None:
             arrays = outcome.arrays
         self.totals["aggregate_s"] += outcome.aggregate_s
@@ -146,10 +147,46 @@ class ServerLoop:
             row["rejected_reasons"] = [f"client {c}: {r}" for c, r in outcome.rejected]
             row["rejected_by_reason"] = count_kinds(r for _, r in outcome.rejected)
         events = grid.take_events() if hasattr(grid, "take_events") else []   # fedsim's own grids report restarts
+        events += retry_events
         if events:
             row["events"] = events
         row.update(round_s=time.perf_counter() - t0, wall_s=time.perf_counter() - start)
         return arrays, row, outcome
+
+    def _too_few(self, bar: RoundProgress, rnd: int, row: dict) -> None:
+        """Say that round ``rnd`` was not aggregated, and stop the run if the scenario says so."""
+        why = "; ".join(row.get("rejected_reasons", []))
+        bar.note(f"[yellow]round {rnd}: {row['skip_reason']}[/yellow]" + (f" ({why[:300]})" if why else ""))
+        if self.scn.federation.on_too_few_replies == "stop":
+            raise RunError(f"round {rnd}: {row['skip_reason']}, and federation.on_too_few_replies is 'stop'. "
+                           f"Why each reply was lost or rejected is in {self.out}/metrics.jsonl (rejected_reasons, "
+                           "events)")
+
+    def _train_replies(self, grid: Grid, msgs: list[Message]) -> tuple[list[Message], list[Message], list[str]]:
+        """The round's training replies, sending the round again to the clients whose reply was lost
+        (``federation.retries`` times at most, all within ``round_timeout_s``). Returns the replies
+        (for a client sent the round again, only its last answer), the messages sent again, and
+        one line per retry."""
+        fed, st = self.scn.federation, self.strategy
+        deadline = time.monotonic() + fed.round_timeout_s
+        replies = list(grid.send_and_receive(msgs, timeout=fed.round_timeout_s))
+        latest = {int(m.content[CONFIG_RECORD]["client-id"]): m for m in msgs}
+        resent: list[Message] = []
+        events = []
+        for attempt in range(1, fed.retries + 1):
+            lost = st.lost(latest.values(), replies)
+            left = deadline - time.monotonic()
+            if not lost or left <= 0:
+                break
+            superseded = {latest[c].metadata.message_id for c in lost}
+            replies = [r for r in replies if r.metadata.reply_to_message_id not in superseded]
+            again = st.resend(lost, grid)
+            latest.update((int(m.content[CONFIG_RECORD]["client-id"]), m) for m in again)
+            events.append(f"{len(lost)} client(s) {sorted(lost)} lost ({next(iter(lost.values()))}): sent the round "
+                          f"again (retry {attempt} of {fed.retries})")
+            replies += grid.send_and_receive(again, timeout=left)
+            resent += again
+        return replies, resent, events
 
     def _client_eval(self, grid: Grid, rnd: int, arrays: dict[str, np.ndarray]) -> dict:
         msgs = list(self.strategy.configure_evaluate(rnd, to_record(arrays), ConfigRecord(), grid))

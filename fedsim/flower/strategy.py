@@ -29,10 +29,15 @@ from fedsim.core.server import ClientUpdate, RoundPlan, Server
 from fedsim.errors import RunError
 from fedsim.federation import Federation
 from fedsim.flower.codec import CONFIG_RECORD, MODEL_RECORD, config_record, from_record, to_record
+from fedsim.flower.compat import ErrorCode
 from fedsim.flower.replies import Accepted, Expectation, Rejected, check_reply, is_number
 
 #: A reply may be at most this many times the size of the global model (plus 1 MiB of slack).
 REPLY_SIZE_FACTOR = 4
+#: Error codes of a reply the runtime made because the client's own never came (worker or node
+#: died, message expired): such a client may be sent the round again (``federation.retries``).
+LOST_CODES = frozenset({ErrorCode.NODE_UNAVAILABLE, ErrorCode.MESSAGE_UNAVAILABLE,
+                        ErrorCode.REPLY_MESSAGE_UNAVAILABLE, ErrorCode.CLIENT_APP_CRASHED})
 #: Metrics a training reply must carry as finite numbers.
 TRAIN_METRICS = ("train_loss", "compute_s", "lr_local")
 EVALUATE_METRICS = ("eval_loss", "eval_accuracy")
@@ -63,6 +68,7 @@ class FedsimStrategy(Strategy):
         self._plan: RoundPlan | None = None
         self._exp: Expectation | None = None
         self._params: Named = {}
+        self._outbox: dict[int, tuple[dict, dict]] = {}   # this round's TRAIN records and scalars per client
         self.sparse_saved_down = 0      # array bytes per TRAIN message the sparse model downlink did not carry
 
     # ----------------------------------------------------------------- state
@@ -109,13 +115,42 @@ class FedsimStrategy(Strategy):
             encoded = plan.encode_model(self._params)
             model = to_record(encoded)
             self.sparse_saved_down = model_bytes - sum(v.nbytes for v in encoded.values())
-        msgs = []
+        self._outbox = {}
         for cid in cids:
             own = self.server.client_downlink(self.state, plan, cid)
-            records = {MODEL_RECORD: model, **shared, **{k: to_record(v) for k, v in own.arrays.items()}}
-            msgs.append(self._message(MessageType.TRAIN, records, {**dict(config), **plan.scalars, **own.scalars},
-                                      server_round, cid, node_of[cid]))
-        return msgs
+            self._outbox[cid] = ({MODEL_RECORD: model, **shared, **{k: to_record(v) for k, v in own.arrays.items()}},
+                                 {**dict(config), **plan.scalars, **own.scalars})
+        return [self._train_message(cid, node_of[cid]) for cid in cids]
+
+    def _train_message(self, cid: int, node: int) -> Message:
+        records, scalars = self._outbox[cid]
+        return self._message(MessageType.TRAIN, records, scalars, self._plan.server_round, cid, node)  # type: ignore[union-attr]
+
+    @staticmethod
+    def lost(msgs: Iterable[Message], replies: Iterable[Message]) -> dict[int, str]:
+        """Client id -> why, for every message of ``msgs`` (sent: they have ids) whose reply did not
+        come or is the runtime's report that it was lost (the worker or node died or was unreachable).
+        A client that answered, even with a reply that fails the checks, is not lost: sending it
+        the same round again would give the same answer."""
+        got = {r.metadata.reply_to_message_id: r for r in replies}
+        out = {}
+        for m in msgs:
+            cid = int(m.content[CONFIG_RECORD]["client-id"])
+            reply = got.get(m.metadata.message_id)
+            if reply is None:
+                out[cid] = "no reply within the round's time"
+            elif reply.has_error() and reply.error.code in LOST_CODES:
+                out[cid] = reply.error.reason.splitlines()[0] if reply.error.reason else f"error {reply.error.code}"
+        return out
+
+    def resend(self, cids: Iterable[int], grid: Grid) -> list[Message]:
+        """This round's TRAIN messages again for ``cids``, to the nodes now connected (a node that
+        left is no longer chosen); replies are then expected from those nodes."""
+        assert self._exp is not None, "configure_train first"
+        cids = sorted(cids)
+        node_of = self._assign_nodes(cids, grid)
+        self._exp.node_of = {**self._exp.node_of, **node_of}
+        return [self._train_message(cid, node_of[cid]) for cid in cids]
 
     @staticmethod
     def _message(mtype: str, records: dict, scalars: dict, server_round: int, cid: int, node: int) -> Message:
@@ -139,11 +174,20 @@ class FedsimStrategy(Strategy):
         bad = [r for r in results if isinstance(r, Rejected)]
         start = time.perf_counter()
         updates = [ClientUpdate(r.cid, r.weight, r.model, r.groups, _numbers(r.metrics)) for r in ok]
-        new, self.state, server_metrics = self.server.aggregate(self.state, self._plan, self._params, updates)
+        needed = self.fed.scenario.federation.replies_needed(len(self._exp.node_of))
+        skipped = len(ok) < needed
+        if skipped:
+            self.state, server_metrics = self.server.skip(self.state, self._plan, self._params, updates)
+            server_metrics = {**server_metrics, "skipped": True,
+                              "skip_reason": f"{len(ok)} of {len(self._exp.node_of)} replies accepted, fewer than "
+                                             f"federation.min_replies ({needed}): the round is not aggregated"}
+        else:
+            new, self.state, server_metrics = self.server.aggregate(self.state, self._plan, self._params, updates)
         spec = self._plan.model_spec
         saved = sum(int(np.prod(spec[k].shape) - np.prod(spec[k].wire_shape)) * spec[k].dtype.itemsize
                     for k in spec if spec[k].kept is not None)
-        return RoundOutcome(new if ok else None, {**_train_metrics(ok, bad, server_metrics), **server_metrics},
+        return RoundOutcome(new if ok and not skipped else None,
+                            {**_train_metrics(ok, bad, server_metrics), **server_metrics},
                             [(r.cid, r.reason) for r in bad], [_client_row(server_round, r) for r in ok],
                             sum(r.nbytes for r in results), time.perf_counter() - start, saved * len(ok))
 

@@ -335,6 +335,10 @@ class LedgerMirror(ServerPlugin):
             clients[str(r.cid)] = {"events": ledger.to_list(), "epsilon": ledger.epsilon(self.delta, self.accountant)}
         return PluginUpdate({"clients": clients})
 
+    def skipped(self, state: dict, result: RoundResult) -> dict:
+        """A round left unaggregated still released its replies to the server: account them."""
+        return self.aggregate(state, result).state
+
     def metrics(self, state: dict) -> dict[str, float]:
         eps = [c["epsilon"] for c in state["clients"].values()]
         return {"epsilon_max": max(eps), "epsilon_mean": float(np.mean(eps))} if eps else {}

@@ -6,6 +6,7 @@ The section reserved for a later capability (``lora``) is accepted only when abs
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Annotated, Any, Literal, Union
 
@@ -120,11 +121,42 @@ class FederationConfig(Section):
     eval_batch_size: PositiveInt = 512
     client_eval_every: Annotated[int, Field(ge=0)] = 0
     round_timeout_s: PositiveFloat = 3600.0
+    #: The fewest accepted replies a training round aggregates: a count, or a fraction (0, 1] of
+    #: the round's cohort (rounded up). A round that sends to fewer clients needs all of them.
+    min_replies: Union[int, float] = 1
+    #: How often a round re-sends to the clients whose reply was lost (their worker or node died,
+    #: or no reply came), within the round's time (``round_timeout_s`` in all).
+    retries: Annotated[int, Field(ge=0, le=100)] = 1
+    #: With fewer than ``min_replies`` accepted replies after the retries: ``skip`` the round (model
+    #: and server state unchanged; privacy spent by the replies that came is still accounted) or
+    #: ``stop`` the run with an error (resume it from the last checkpoint).
+    on_too_few_replies: Literal["skip", "stop"] = "skip"
     local: LocalConfig = Field(default_factory=LocalConfig)
 
     @model_validator(mode="after")
     def _cohort(self) -> "FederationConfig":
         return _either_or(self, "clients_per_round", "fraction")
+
+    @field_validator("min_replies", mode="before")
+    @classmethod
+    def _count_or_fraction(cls, v: Any) -> Any:
+        count = isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 10 ** 9
+        if not (count or (isinstance(v, float) and 0 < v <= 1)):
+            raise ValueError("must be a count of replies (an integer >= 1) or a fraction of the round's "
+                             "cohort in (0, 1]")
+        return v
+
+    def replies_needed(self, cohort: int) -> int:
+        """How many accepted replies a round that sent to ``cohort`` clients needs (``min_replies``).
+
+        Example:
+            >>> f = FederationConfig(rounds=1, min_replies=0.75)
+            >>> f.replies_needed(10), FederationConfig(rounds=1, min_replies=8).replies_needed(5)
+            (8, 5)
+        """
+        if isinstance(self.min_replies, float):
+            return max(1, math.ceil(self.min_replies * cohort - 1e-9))
+        return min(self.min_replies, cohort)
 
 
 # ----------------------------------------------------------------------- strategy

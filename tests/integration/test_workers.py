@@ -59,7 +59,10 @@ def _run_grid(tmp_path: Path, text: str, grid_cls=WorkerGrid) -> tuple[WorkerGri
 
 
 def test_dead_worker_reported_round_continues_and_restarts(tmp_path, tiny_yaml):
-    text = tiny_yaml.replace("clients_per_round: 3", "clients_per_round: 6")
+    """Without retries the round aggregates the replies it has; the dead worker's clients are
+    rejected with the reason and the worker is restarted for the next round."""
+    text = tiny_yaml.replace("clients_per_round: 3", "clients_per_round: 6").replace(
+        "rounds: 3", "rounds: 3\n  retries: 0")
     grid, rows = _run_grid(tmp_path, text, KillingGrid)
     assert rows[0]["clients"] == 6
     assert rows[1]["rejected"] == 3 and rows[1]["clients"] == 3            # worker 0 serves clients 0, 2, 4
@@ -72,6 +75,24 @@ def test_dead_worker_reported_round_continues_and_restarts(tmp_path, tiny_yaml):
     assert len(rows[2]["events"]) == 1 and rows[2]["events"][0].startswith("worker 0 (cpu) had died (exit code -9): "
                                                                            "restarted in ")
     assert "events" not in rows[0]
+
+
+def test_dead_worker_clients_are_sent_the_round_again(tmp_path, tiny_yaml):
+    """``federation.retries`` (default 1): the clients of a worker that died mid-round are sent the
+    round again, to the restarted worker, so the round loses no client and the run equals the
+    fault-free one bit for bit. Catches a retry that is never made, one made before the worker is
+    restarted, and one whose lost error replies still count as rejections."""
+    text = tiny_yaml.replace("clients_per_round: 3", "clients_per_round: 6")
+    grid, rows = _run_grid(tmp_path / "killed", text, KillingGrid)
+    assert [r["clients"] for r in rows] == [6, 6, 6] and not any(r["rejected"] for r in rows)
+    assert grid.workers[0].restarts == 1
+    assert rows[1]["events"][-1] == ("3 client(s) [0, 2, 4] lost (worker 0 (cpu) died (exit code -9) while serving "
+                                     "client 0): sent the round again (retry 1 of 1)")
+    _run_grid(tmp_path / "clean", text)
+    a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("killed", "clean"))
+    diff = max(float(np.abs(a[k] - b[k]).max()) for k in a)
+    print(f"max parameter difference, killed worker + retry vs fault-free: {diff}")
+    assert diff == 0.0
 
 
 class KillBetweenRounds(WorkerGrid):
