@@ -69,6 +69,7 @@ class WorkerService:
         from fedsim.flower.compat import CLIENT_EXCEPTION, message_from_bytes, message_to_bytes
 
         msg = message_from_bytes(request)
+        _log_message(msg)
         context = self._context(msg.metadata.dst_node_id)
         try:
             reply = self.client_app(msg, context)  # type: ignore[misc]
@@ -85,6 +86,18 @@ class WorkerService:
                                              state=load_state(self.state_dir, node_id),
                                              run_config=MappingProxyType(self.run_config))  # type: ignore[arg-type]
         return self.contexts[node_id]
+
+
+def _log_message(msg) -> None:
+    """One line in the worker's log per message it starts on, so the log says what a worker that
+    died was doing (the server quotes the end of the log in the clients' error replies)."""
+    try:
+        cfg = msg.content["config"]
+    except KeyError:            # a message without fedsim's config record: the client rejects it
+        cfg = {}
+    print(f"{time.strftime('%H:%M:%S')} worker {os.environ.get('FEDSIM_WORKER_INDEX', '?')} (pid {os.getpid()}): "
+          f"round {cfg.get('server-round', '?')}, client {cfg.get('client-id', '?')}, {msg.metadata.message_type}",
+          file=sys.stderr, flush=True)
 
 
 def _warm_up(run_config: dict) -> None:

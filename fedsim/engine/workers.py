@@ -121,10 +121,9 @@ class WorkerGrid(LocalGrid):
         for msg in msgs:
             by_worker.setdefault(self.worker_of(msg.metadata.dst_node_id), []).append(msg)
         deadline = time.monotonic() + (timeout or 3600.0)
-        for i in by_worker:
-            if not self.workers[i].alive() or i in self._stale:
-                self._stale.discard(i)
-                self._restart(i)
+        dead = [i for i in by_worker if not self.workers[i].alive() or i in self._stale]
+        self._stale.difference_update(dead)
+        list(self._pool.map(self._restart, dead))          # in parallel: each start imports torch
         jobs = [self._pool.submit(self._serve, i, batch, deadline) for i, batch in by_worker.items()]
         return [reply for job in jobs for reply in job.result()]
 
