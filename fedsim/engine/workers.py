@@ -49,14 +49,28 @@ class WorkerGrid(LocalGrid):
 
     # ------------------------------------------------------------- lifecycle
     def start(self) -> "WorkerGrid":
-        """Start every worker, wait until all listen, and send them the run config.
+        """:meth:`launch` then :meth:`connect`: every worker started, listening and configured."""
+        self.launch()
+        return self.connect()
 
-        On any failure (or Ctrl-C) every worker started so far is stopped before the error propagates.
-        """
+    def launch(self) -> "WorkerGrid":
+        """Start every worker process, not waiting for them: the caller may set up meanwhile (the
+        workers spend their first seconds importing torch), then :meth:`connect`."""
         try:
             self.workers = [start_worker(i, dev, self.run_dir / "logs", self.env, self.token)
                             for i, dev in enumerate(self.devices)]
             self.channels = [None] * len(self.workers)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def connect(self) -> "WorkerGrid":
+        """Wait until every launched worker listens and send it the run config.
+
+        On any failure (or Ctrl-C) every worker started so far is stopped before the error propagates.
+        """
+        try:
             wait_ready(self.workers, self.start_timeout_s)
             list(self._pool.map(self._connect, range(len(self.workers))))   # workers load data in parallel
         except BaseException:
@@ -162,18 +176,13 @@ class WorkerGrid(LocalGrid):
 
 def run(scenario: Scenario, out_dir: Path, *, progress: str = "auto", resume: bool = False,
         force: bool = False) -> None:
-    """Run ``scenario`` with persistent client workers; every worker is stopped on exit, error or Ctrl-C."""
-    import torch
+    """Run ``scenario`` with persistent client workers; every worker is stopped on exit, error or Ctrl-C.
 
-    from fedsim.engine.inprocess import run_server_app
-    from fedsim.federation import get_federation
-    from fedsim.flower.codec import make_run_config
-    from fedsim.flower.compat import check_version
+    The workers are launched first, so their start-up (a Python with torch each) overlaps this
+    process's own: importing torch and the server, loading the data set and partitioning it.
+    """
     from fedsim.runtime import flower_env, plan_workers
-    from server.app import app as server_app
 
-    check_version()
-    torch.set_num_threads(1)
     eng = scenario.engine
     try:
         devices = plan_workers(eng.devices, workers=eng.workers, workers_per_device=eng.workers_per_device)
@@ -185,14 +194,28 @@ def run(scenario: Scenario, out_dir: Path, *, progress: str = "auto", resume: bo
     if on_cpu > cores:
         say(f"[yellow]engine.workers: {on_cpu} CPU workers on {cores} cores compete for them (each trains with one "
             f"thread): expect no speed-up beyond {cores} workers, and more memory[/yellow]")
-    run_config = make_run_config(scenario, out_dir, progress, resume, force)
-    num_nodes = get_federation(scenario).num_clients
     out_dir.mkdir(parents=True, exist_ok=True)
     say(f"starting {len(devices)} client worker(s) on {', '.join(sorted(set(devices)))} ...")
     started = time.perf_counter()
-    with WorkerGrid(devices, num_nodes, run_config, out_dir, flower_env(), eng.start_timeout_s) as grid:
+    grid = WorkerGrid(devices, 0, {}, out_dir, flower_env(), eng.start_timeout_s).launch()
+    try:
+        import torch
+
+        from fedsim.engine.inprocess import run_server_app
+        from fedsim.federation import get_federation
+        from fedsim.flower.codec import make_run_config
+        from fedsim.flower.compat import check_version
+        from server.app import app as server_app
+
+        check_version()
+        torch.set_num_threads(1)
+        grid.run_config = make_run_config(scenario, out_dir, progress, resume, force)
+        grid.num_nodes = get_federation(scenario).num_clients
+        grid.connect()
         say(f"{len(devices)} worker(s) ready in {format_duration(time.perf_counter() - started)}")
-        run_server_app(server_app, grid, run_config)
+        run_server_app(server_app, grid, grid.run_config)
+    finally:
+        grid.close()
 
 
 def _say(progress: str):

@@ -10,14 +10,22 @@ Example:
 from __future__ import annotations
 
 import os
+import sys
 from typing import TYPE_CHECKING, Sequence
 
 if TYPE_CHECKING:
     import torch
 
 
+#: Device files a GPU driver creates (NVIDIA's, AMD's for ROCm builds of torch); without any of
+#: them on Linux there is no GPU, and torch (seconds to import) need not be asked.
+_DRIVER_PATHS = ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/kfd")
+
+
 def cuda_count() -> int:
     """Visible CUDA devices (0 without a GPU build of torch or without a GPU)."""
+    if sys.platform.startswith("linux") and not any(os.path.exists(p) for p in _DRIVER_PATHS):
+        return 0
     import torch
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
