@@ -175,7 +175,7 @@ class FedsimStrategy(Strategy):
         start = time.perf_counter()
         updates = [ClientUpdate(r.cid, r.weight, r.model, r.groups, _numbers(r.metrics)) for r in ok]
         needed = self.fed.scenario.federation.replies_needed(len(self._exp.node_of))
-        skipped = len(ok) < needed
+        skipped = len(ok) < needed          # always with no accepted reply: at least 1 is needed
         if skipped:
             self.state, server_metrics = self.server.skip(self.state, self._plan, self._params, updates)
             server_metrics = {**server_metrics, "skipped": True,
@@ -186,8 +186,7 @@ class FedsimStrategy(Strategy):
         spec = self._plan.model_spec
         saved = sum(int(np.prod(spec[k].shape) - np.prod(spec[k].wire_shape)) * spec[k].dtype.itemsize
                     for k in spec if spec[k].kept is not None)
-        return RoundOutcome(new if ok and not skipped else None,
-                            {**_train_metrics(ok, bad, server_metrics), **server_metrics},
+        return RoundOutcome(None if skipped else new, {**_train_metrics(ok, bad, server_metrics), **server_metrics},
                             [(r.cid, r.reason) for r in bad], [_client_row(server_round, r) for r in ok],
                             sum(r.nbytes for r in results), time.perf_counter() - start, saved * len(ok))
 
