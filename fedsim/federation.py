@@ -18,7 +18,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 
 import numpy as np
@@ -27,6 +26,7 @@ from torch import nn
 from fedsim.data import Dataset, load_dataset, make_partition, partition_stats
 from fedsim.models import build_model
 from fedsim.scenario import Scenario, ScenarioError, config_sha256
+from fedsim.scenario.schema import ceil_fraction
 from fedsim.seeding import numpy_rng, torch_rng
 
 
@@ -107,7 +107,7 @@ class Federation:
                     f"{self.num_clients} clients the partition produced"])
             return fed.clients_per_round
         if fed.fraction is not None:
-            return max(1, math.ceil(fed.fraction * self.num_clients - 1e-9))
+            return ceil_fraction(fed.fraction, self.num_clients)
         return self.num_clients
 
     def stats(self) -> dict:

@@ -390,9 +390,9 @@ class Server:
         and every plugin stay as they were, except what a plugin's :meth:`ServerPlugin.skipped` keeps
         of the ``replies`` that did come (privacy spent)."""
         plugin_states = dict(state["plugins"])
+        result = RoundResult(plan.server_round, plan.phase, params, params, None, replies, self.num_clients)
         for p in self.plugins:
             if p.name in plan.plugins:
-                result = RoundResult(plan.server_round, plan.phase, params, params, None, replies, self.num_clients)
                 plugin_states[p.name] = p.skipped(plugin_states[p.name], result)
         new_state = {**state, "plugins": plugin_states}
         return new_state, self.metrics(new_state)

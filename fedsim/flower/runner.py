@@ -28,10 +28,10 @@ from fedsim.builder import build
 from fedsim.core.state import flatten, unflatten
 from fedsim.errors import ResumeError, RunError
 from fedsim.federation import Federation, get_federation
-from fedsim.flower.codec import (CONFIG_RECORD, FORCE_KEY, MIN_NODES_KEY, NODE_WAIT_KEY, OUT_DIR_KEY, PROGRESS_KEY,
+from fedsim.flower.codec import (FORCE_KEY, MIN_NODES_KEY, NODE_WAIT_KEY, OUT_DIR_KEY, PROGRESS_KEY,
                                  RESUME_KEY, SHIP_KEY, scenario_from_config, to_record)
 from fedsim.flower.compat import message_nbytes
-from fedsim.flower.strategy import FedsimStrategy, RoundOutcome
+from fedsim.flower.strategy import FedsimStrategy, RoundOutcome, client_of
 from fedsim.progress import RoundProgress
 from fedsim.results import MetricsWriter, build_summary, bundle, plot_run, read_metrics, save_checkpoint, write_json
 from fedsim.flower.replies import count_kinds
@@ -170,7 +170,7 @@ class ServerLoop:
         fed, st = self.scn.federation, self.strategy
         deadline = time.monotonic() + fed.round_timeout_s
         replies = list(grid.send_and_receive(msgs, timeout=fed.round_timeout_s))
-        latest = {int(m.content[CONFIG_RECORD]["client-id"]): m for m in msgs}
+        latest = {client_of(m): m for m in msgs}
         resent: list[Message] = []
         events = []
         for attempt in range(1, fed.retries + 1):
@@ -181,7 +181,7 @@ class ServerLoop:
             superseded = {latest[c].metadata.message_id for c in lost}
             replies = [r for r in replies if r.metadata.reply_to_message_id not in superseded]
             again = st.resend(lost, grid)
-            latest.update((int(m.content[CONFIG_RECORD]["client-id"]), m) for m in again)
+            latest.update((client_of(m), m) for m in again)
             events.append(f"{len(lost)} client(s) {sorted(lost)} lost ({next(iter(lost.values()))}): sent the round "
                           f"again (retry {attempt} of {fed.retries})")
             replies += grid.send_and_receive(again, timeout=left)

@@ -135,7 +135,7 @@ class FedsimStrategy(Strategy):
         got = {r.metadata.reply_to_message_id: r for r in replies}
         out = {}
         for m in msgs:
-            cid = int(m.content[CONFIG_RECORD]["client-id"])
+            cid = client_of(m)
             reply = got.get(m.metadata.message_id)
             if reply is None:
                 out[cid] = "no reply within the round's time"
@@ -226,6 +226,11 @@ class FedsimStrategy(Strategy):
 
     def summary(self) -> None:
         """Flower's hook to log the strategy settings (fedsim writes them to config.yaml instead)."""
+
+
+def client_of(msg: Message) -> int:
+    """The virtual client a message fedsim sent is for."""
+    return int(msg.content[CONFIG_RECORD]["client-id"])
 
 
 def _numbers(metrics: dict) -> dict[str, float]:

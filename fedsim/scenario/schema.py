@@ -27,6 +27,16 @@ def _either_or(section: Any, a: str, b: str) -> Any:
     return section
 
 
+def ceil_fraction(fraction: float, n: int) -> int:
+    """``fraction`` of ``n`` rounded up, at least 1 (``fraction`` of the clients, of a cohort).
+
+    Example:
+        >>> ceil_fraction(0.3, 10), ceil_fraction(0.01, 10)
+        (3, 1)
+    """
+    return max(1, math.ceil(fraction * n - 1e-9))
+
+
 def either_or_message(a: str, b: str) -> str:
     """The message for two keys that exclude each other."""
     return f"give either {a} or {b}, not both"
@@ -155,7 +165,7 @@ class FederationConfig(Section):
             (8, 5)
         """
         if isinstance(self.min_replies, float):
-            return max(1, math.ceil(self.min_replies * cohort - 1e-9))
+            return ceil_fraction(self.min_replies, cohort)
         return min(self.min_replies, cohort)
 
 
