@@ -1,8 +1,9 @@
 """Engine benchmark: one scenario on every engine, against a plain single-process PyTorch floor.
 
 Each measurement runs in a fresh subprocess; wall time is the whole command (start-up
-included) and ``run_s`` the training loop alone (summary.json ``wall_s``); peak RSS is the
-largest sum of resident memory over the process tree, sampled every 0.1 s from /proc.
+included) and ``run_s`` the training loop alone (summary.json ``wall_s``); peak RSS and peak
+PSS are the largest sums of resident and proportional memory over the process tree, sampled
+every 0.1 s from /proc (PSS is the one to read: the RSS sum counts shared pages once per process).
 
     python benchmarks/engines.py                       # quickstart: floor, inprocess, workers
     python benchmarks/engines.py --engines floor,inprocess,workers,flower --rounds 5 --json
@@ -57,8 +58,14 @@ print(json.dumps({"run_s": time.perf_counter() - t0, "final_accuracy": acc}))
 """
 
 
-def _tree_rss_kib(root: int) -> int:
-    """Resident memory of ``root`` and all its descendants (KiB), from /proc."""
+def _tree_memory_kib(root: int) -> tuple[int, int]:
+    """Resident (RSS) and proportional (PSS) memory of ``root`` and all its descendants, in KiB.
+
+    The RSS sum counts a page shared by several processes once per process (torch's libraries,
+    and every page a forked worker still shares with its zygote), so it overstates what a tree
+    of processes uses; PSS charges each process its share of a shared page, so its sum is the
+    memory the tree takes.
+    """
     parents: dict[int, int] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -73,32 +80,39 @@ def _tree_rss_kib(root: int) -> int:
         kids = [c for c, p in parents.items() if p == pid and c not in tree]
         tree.update(kids)
         frontier += kids
-    total = 0
+    rss = pss = 0
     for pid in tree:
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-        except OSError:
-            pass
-    return total
+        for name, field in ((f"/proc/{pid}/status", "VmRSS:"), (f"/proc/{pid}/smaps_rollup", "Pss:")):
+            try:
+                for line in Path(name).read_text().splitlines():
+                    if line.startswith(field):
+                        if field == "Pss:":
+                            pss += int(line.split()[1])
+                        else:
+                            rss += int(line.split()[1])
+                        break
+            except OSError:
+                pass
+    return rss, pss
 
 
 def measure(cmd: list[str], env: dict[str, str]) -> dict:
-    """Run ``cmd``; wall time, peak tree RSS (MiB), return code and stdout."""
+    """Run ``cmd``; wall time, peak tree RSS and PSS (MiB), return code and stdout."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
-    peak = [0]
+    peak = [0, 0]
 
     def sample() -> None:
         while proc.poll() is None:
-            peak[0] = max(peak[0], _tree_rss_kib(proc.pid))
+            rss, pss = _tree_memory_kib(proc.pid)
+            peak[0], peak[1] = max(peak[0], rss), max(peak[1], pss)
             time.sleep(0.1)
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     out, err = proc.communicate()
     sampler.join()
-    return {"wall_s": time.perf_counter() - start, "peak_rss_mib": peak[0] / 1024, "rc": proc.returncode,
+    return {"wall_s": time.perf_counter() - start, "peak_rss_mib": peak[0] / 1024, "peak_pss_mib": peak[1] / 1024,
+            "rc": proc.returncode,
             "stdout": out, "stderr": err[-2000:]}
 
 
@@ -160,20 +174,21 @@ def main(argv: list[str] | None = None) -> int:
                      "wall_vs_floor": round(m["wall_s"] / floor_wall, 3) if floor_wall else None,
                      "run_s_all": m.get("run_s_all"),
                      "run_s": round(m["run_s"], 2) if m.get("run_s") else None,
-                     "peak_rss_mib": round(m["peak_rss_mib"], 1), "run_vs_floor": round(ratio, 3) if ratio else None,
+                     "peak_rss_mib": round(m["peak_rss_mib"], 1), "peak_pss_mib": round(m["peak_pss_mib"], 1),
+                     "run_vs_floor": round(ratio, 3) if ratio else None,
                      "final_accuracy": m.get("final_accuracy"), **({} if m["rc"] == 0 else {"error": m["stderr"]})})
     if args.json:
         print(json.dumps({"scenario": args.scenario, "overrides": overrides, "cpus": os.cpu_count(), "rows": rows},
                          indent=2))
     else:
         print(f"{'engine':<10} {'wall s':>8} {'wall/floor':>10} {'run s':>8} {'run/floor':>9} {'peak RSS MiB':>13} "
-              f"{'accuracy':>9}")
+              f"{'peak PSS MiB':>13} {'accuracy':>9}")
         for r in rows:
             acc = f"{100 * r['final_accuracy']:.2f}%" if r["final_accuracy"] is not None else "-"
             print(f"{r['engine']:<10} {r['wall_s']:>8} {r['wall_vs_floor'] or '-':>10} {r['run_s'] or '-':>8} "
-                  f"{r['run_vs_floor'] or '-':>9} {r['peak_rss_mib']:>13} {acc:>9}")
+                  f"{r['run_vs_floor'] or '-':>9} {r['peak_rss_mib']:>13} {r['peak_pss_mib']:>13} {acc:>9}")
         print("targets (issue 10): workers wall/floor <= 1.2 on the quickstart; a 1-round workers run <= 4 s "
-              "(--rounds 1); workers peak RSS <= 1024 MiB with 2 workers")
+              "(--rounds 1); workers peak memory (PSS: shared pages counted once) <= 1024 MiB with 2 workers")
     return 0 if all(r["ok"] for r in rows) else 1
 
 

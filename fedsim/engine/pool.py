@@ -1,25 +1,30 @@
 """Client worker processes: start, wait for, watch and stop them (exactly the ones started).
 
-A worker is ``python -m fedsim.engine.worker``: a gRPC server on 127.0.0.1 that prints its
-port on its first stdout line. Workers run in their own session (a Ctrl-C in the
-terminal reaches only the server, which then stops them), and exit by themselves if the
-server process disappears. This module knows processes, not Flower.
+Workers are forked by the run's zygote (:mod:`fedsim.engine.zygote`), a template process that
+has already imported torch and the client code and loaded the data: starting a worker takes
+milliseconds, and the workers share the zygote's memory. :meth:`Zygote.start` returns at once,
+so the zygote's imports overlap the server's own set-up.
+
+A worker (:func:`fedsim.engine.worker.serve`) is a gRPC server on 127.0.0.1; the zygote reports
+its pid, its port and, when it has reaped it, its exit code. Workers run in their own session (a
+Ctrl-C in the terminal reaches only the server, which then stops them) and exit by themselves if
+the zygote disappears, which exits when the server closes its stdin or dies. This module knows
+processes, not Flower.
 """
 
 from __future__ import annotations
 
-import os
+import json
+import signal
 import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from fedsim.errors import RunError
 from fedsim.runtime import start_process, stop_processes, worker_env
 
-PORT_PREFIX = "FEDSIM_WORKER_PORT "
 #: The per-run secret a worker requires in the metadata of every call (given through its environment).
 TOKEN_ENV = "FEDSIM_WORKER_TOKEN"
 #: gRPC metadata key carrying the per-run worker token.
@@ -34,67 +39,162 @@ class WorkerStartError(RunError):
     """A worker did not come up in time, or exited while starting."""
 
 
-@dataclass
 class WorkerProcess:
-    """One started worker: its process, device, port and log file."""
+    """One worker the zygote forked: its index, device, pid, port, log and (once reaped) exit code."""
 
-    index: int
-    device: str
-    proc: subprocess.Popen
-    log_path: Path
-    port: int = 0
-    restarts: int = 0
+    def __init__(self, zygote: "Zygote", index: int, device: str, log_path: Path):
+        self.zygote, self.index, self.device, self.log_path = zygote, index, device, log_path
+        self.pid = 0
+        self.port = 0
+        self.restarts = 0
+        self.returncode: int | None = None          # negative: killed by that signal
+        self.listening = threading.Event()
+        self.exited = threading.Event()
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
     def alive(self) -> bool:
-        return self.proc.poll() is None
+        return not self.exited.is_set()
+
+    def wait(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for the worker to end; whether it has."""
+        return self.exited.wait(timeout_s)
+
+    def signal(self, sig: int) -> None:
+        """Have the zygote send ``sig`` (it signals only a worker it has not reaped)."""
+        if self.pid and self.alive():
+            self.zygote.send({"op": "signal", "pid": self.pid, "signal": int(sig)})
 
     def log_tail(self, lines: int = 15) -> str:
-        """The end of the worker's stderr log (for error reports)."""
+        """The end of the worker's log (for error reports)."""
+        return _tail(self.log_path, lines)
+
+
+class Zygote:
+    """The run's zygote process and the workers it forked (see :mod:`fedsim.engine.zygote`)."""
+
+    def __init__(self, log_dir: Path, env: dict[str, str]):
+        self.log_path = log_dir / "zygote.log"
+        self.env = env
+        self.proc: subprocess.Popen | None = None
+        self.ready = threading.Event()
+        self.gone = threading.Event()                # its stdout closed: it exited
+        self.errors: list[str] = []
+        self._by_pid: dict[int, WorkerProcess] = {}
+        self._forking: list[WorkerProcess] = []      # fork requests not yet answered, in order
+        self._lock = threading.Lock()
+
+    def start(self) -> "Zygote":
+        """Start the zygote, not waiting for its imports."""
+        self.proc = start_process([sys.executable, "-m", "fedsim.engine.zygote"], env=self.env,
+                                  log_path=self.log_path, pipes=True)
+        threading.Thread(target=self._read, name="fedsim-zygote-reader", daemon=True).start()
+        return self
+
+    def send(self, cmd: dict) -> None:
+        """One command line on the zygote's stdin (it answers in order, once its imports are done)."""
         try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+            self.proc.stdin.write((json.dumps(cmd) + "\n").encode())  # type: ignore[union-attr]
+            self.proc.stdin.flush()                                   # type: ignore[union-attr]
+        except (BrokenPipeError, ValueError):        # it is gone: its workers are reported exited
+            pass
+
+    def warm(self, run_config: dict) -> None:
+        """Have the zygote load the run's data and partition before it forks, for every worker."""
+        self.send({"op": "warm", "run_config": dict(run_config)})
+
+    def fork(self, index: int, device: str, env: dict[str, str]) -> WorkerProcess:
+        """Request worker ``index`` on ``device`` with ``env`` added to the zygote's environment."""
+        w = WorkerProcess(self, index, device, self.log_path.parent / f"worker-{index}.log")
+        with self._lock:
+            if self.gone.is_set():
+                w.exited.set()
+                return w
+            self._forking.append(w)
+        self.send({"op": "fork", "index": index, "log": str(w.log_path),
+                   "env": {**worker_env(device), **env, "FEDSIM_WORKER_INDEX": str(index)}})
+        return w
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:                # type: ignore[union-attr]
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            with self._lock:
+                self._on(event)
+        with self._lock:
+            self.gone.set()
+            for w in [*self._by_pid.values(), *self._forking]:
+                w.exited.set()                       # workers exit by themselves once the zygote is gone
+
+    def _on(self, event: dict) -> None:
+        kind = event.get("event")
+        if kind == "ready":
+            self.ready.set()
+        elif kind == "forked" and self._forking:
+            w = self._forking.pop(0)
+            w.pid = int(event["pid"])
+            self._by_pid[w.pid] = w
+        elif kind == "port" and event.get("pid") in self._by_pid:
+            w = self._by_pid[event["pid"]]
+            w.port = int(event["port"])
+            w.listening.set()
+        elif kind == "exit" and event.get("pid") in self._by_pid:
+            w = self._by_pid.pop(event["pid"])
+            w.returncode = int(event["code"])
+            w.exited.set()
+        elif kind == "error":
+            self.errors.append(str(event.get("message")))
+
+    def log_tail(self, lines: int = 15) -> str:
+        return _tail(self.log_path, lines)
+
+    def close(self, grace_s: float = 5.0) -> None:
+        """Close its stdin (it stops any worker left, then exits) and reap it."""
+        if self.proc is None:
+            return
+        try:
+            self.proc.stdin.close()                  # type: ignore[union-attr]
         except OSError:
-            return ""
-
-
-def start_worker(index: int, device: str, log_dir: Path, env: dict[str, str], token: str) -> WorkerProcess:
-    """Start one worker process (not waiting for it); it serves only callers that present ``token``."""
-    log_path = log_dir / f"worker-{index}.log"
-    full_env = {**env, **worker_env(device), "FEDSIM_WORKER_INDEX": str(index), TOKEN_ENV: token}
-    proc = start_process([sys.executable, "-m", "fedsim.engine.worker", "--parent-pid", str(os.getpid())],
-                         env=full_env, log_path=log_path, pipe_stdout=True)
-    return WorkerProcess(index, device, proc, log_path)
+            pass
+        stop_processes([self.proc], grace_s)
+        self.gone.wait(grace_s)
+        if self.proc.stdout:
+            self.proc.stdout.close()
 
 
 def wait_ready(workers: list[WorkerProcess], timeout_s: float) -> None:
-    """Read each worker's port line; raise WorkerStartError (with the log tail) on exit or timeout."""
+    """Wait until each worker listens; raise WorkerStartError (with the log tail) on exit or timeout."""
     deadline = time.monotonic() + timeout_s
     for w in workers:
-        if w.port:
+        while not w.listening.is_set() and w.alive() and time.monotonic() < deadline:
+            w.listening.wait(min(0.1, max(0.0, deadline - time.monotonic())))
+        if w.listening.is_set() and w.alive():
             continue
-        line = _read_line(w, max(0.0, deadline - time.monotonic()))
-        if line is None or not line.startswith(PORT_PREFIX):
-            state = "exited" if not w.alive() else f"did not start within {timeout_s:.0f} s"
-            raise WorkerStartError(f"client worker {w.index} ({w.device}) {state}; its log ({w.log_path}):\n"
-                                   f"{w.log_tail()}")
-        w.port = int(line[len(PORT_PREFIX):])
-
-
-def _read_line(w: WorkerProcess, timeout_s: float) -> str | None:
-    """One stdout line, bounded in time (a thread does the blocking read)."""
-    box: list[str] = []
-    reader = threading.Thread(target=lambda: box.append(w.proc.stdout.readline()), daemon=True)  # type: ignore[union-attr]
-    reader.start()
-    reader.join(timeout_s)
-    return box[0].strip() if box and box[0] else None
+        if w.zygote.gone.is_set() and not w.pid:
+            raise WorkerStartError(f"the zygote that forks the client workers exited; its log ({w.zygote.log_path})"
+                                   f":\n{w.zygote.log_tail()}")
+        state = f"exited (exit code {w.returncode})" if not w.alive() else f"did not start within {timeout_s:.0f} s"
+        raise WorkerStartError(f"client worker {w.index} ({w.device}) {state}; its log ({w.log_path}):\n"
+                               f"{w.log_tail()}")
 
 
 def stop_workers(workers: list[WorkerProcess], grace_s: float = 5.0) -> None:
-    """SIGTERM every worker we started, then SIGKILL what is left after ``grace_s``; reap all."""
-    stop_processes([w.proc for w in workers], grace_s)
+    """SIGTERM every worker we started, then SIGKILL what is left after ``grace_s``; wait for all."""
     for w in workers:
-        if w.proc.stdout:
-            w.proc.stdout.close()
+        w.signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for w in workers:
+        if not w.wait(max(0.05, deadline - time.monotonic())):
+            w.signal(signal.SIGKILL)
+            w.wait(5.0)
+
+
+def _tail(path: Path, lines: int) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""

@@ -1,6 +1,6 @@
 """A persistent client worker: a gRPC server on 127.0.0.1 that runs the ClientApp for its nodes.
 
-Started by ``fedsim.engine.pool`` as ``python -m fedsim.engine.worker``. It serves fedsim's
+Forked by ``fedsim.engine.pool`` (its fork server) and run by :func:`serve`. It serves fedsim's
 ClientApp (``clients.app:app``) and nothing else. It keeps the
 model code, data and (on a GPU) the CUDA context warm across rounds, serves many
 virtual clients one message at a time, and keeps each node's ``context.state`` in a
@@ -14,7 +14,6 @@ RPCs (raw bytes, no code generation, never pickle):
 
 from __future__ import annotations
 
-import argparse
 import hmac
 import json
 import os
@@ -28,7 +27,7 @@ from types import MappingProxyType
 
 import grpc
 
-from fedsim.engine.pool import GRPC_OPTIONS, PORT_PREFIX, SERVICE, TOKEN_ENV, TOKEN_HEADER
+from fedsim.engine.pool import GRPC_OPTIONS, SERVICE, TOKEN_ENV, TOKEN_HEADER
 from fedsim.flower.state_store import load_state, save_state
 
 
@@ -51,7 +50,11 @@ class WorkerService:
         self.state_dir = Path(cfg["state_dir"]) if cfg.get("state_dir") else None
         from clients.app import app
         self.client_app = app
-        _warm_up(self.run_config)
+        warm_up(self.run_config)
+        device = os.environ.get("FEDSIM_DEVICE", "cpu")
+        if device.startswith("cuda"):
+            import torch
+            torch.zeros(1, device=device)   # create the CUDA context now, not in round 1
         return b"ok"
 
     def _authorize(self, ctx: grpc.ServicerContext) -> None:
@@ -100,9 +103,9 @@ def _log_message(msg) -> None:
           file=sys.stderr, flush=True)
 
 
-def _warm_up(run_config: dict) -> None:
-    """Load data and partition, pay torch's one-off optimizer import and (on a GPU) create the CUDA
-    context, before round 1."""
+def warm_up(run_config: dict) -> None:
+    """Load data and partition and pay torch's one-off optimizer import, before round 1. The zygote
+    does it before forking (every worker inherits it); a worker's own call then finds it done."""
     import torch
 
     from fedsim.federation import get_federation
@@ -110,13 +113,10 @@ def _warm_up(run_config: dict) -> None:
 
     get_federation(scenario_from_config(run_config))
     torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0).zero_grad()
-    device = os.environ.get("FEDSIM_DEVICE", "cpu")
-    if device.startswith("cuda"):
-        torch.zeros(1, device=device)   # create the CUDA context now, not in round 1
 
 
 def _watch_parent(parent_pid: int, server: grpc.Server) -> None:
-    """Exit when the server process that started us is gone (never outlive the run)."""
+    """Exit when the zygote that forked us is gone (it exits with the run's server process)."""
     while True:
         time.sleep(1.0)
         if os.getppid() != parent_pid:
@@ -124,15 +124,23 @@ def _watch_parent(parent_pid: int, server: grpc.Server) -> None:
             return
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Serve until SIGTERM or until the parent process disappears."""
-    parser = argparse.ArgumentParser(prog="python -m fedsim.engine.worker")
-    parser.add_argument("--parent-pid", type=int, required=True)
-    args = parser.parse_args(argv)
-    import torch
-    torch.set_num_threads(1)
-    from fedsim.runtime import FLOWER_ENV
-    os.environ.update(FLOWER_ENV)
+def serve(index: int, env: dict[str, str], log_path: str, report_fd: int) -> None:
+    """A forked worker's life: serve until SIGTERM or until the zygote that forked it disappears.
+
+    Runs in the child of :meth:`fedsim.engine.zygote.Zygote.fork`; its port goes to the server as
+    a line on ``report_fd``.
+    """
+    from fedsim.engine.zygote import report_line
+
+    os.setsid()     # leave the zygote's session: signals meant for it or the server do not reach us
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    for fd in (1, 2):
+        os.dup2(log, fd)
+    os.close(null)
+    os.close(log)
+    os.environ.update(env)          # CUDA_VISIBLE_DEVICES among them, before torch initialises CUDA
     service = WorkerService()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=1), options=GRPC_OPTIONS)
     handlers = {"Configure": grpc.unary_unary_rpc_method_handler(service.configure),
@@ -144,12 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     # to flush, and a grace period or the interpreter's teardown of torch only delays the run's exit.
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the server process decides when workers stop
-    threading.Thread(target=_watch_parent, args=(args.parent_pid, server), daemon=True).start()
-    print(f"{PORT_PREFIX}{port}", flush=True)
-    os.dup2(2, 1)   # nobody reads our stdout after the port line: later prints go to the log
+    threading.Thread(target=_watch_parent, args=(os.getppid(), server), daemon=True).start()
+    report_line(report_fd, {"event": "port", "index": index, "pid": os.getpid(), "port": port})
+    os.close(report_fd)
     server.wait_for_termination()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,8 +21,8 @@ from pathlib import Path
 import grpc
 
 from fedsim.engine.grid import NODE_ID_BASE, LocalGrid
-from fedsim.engine.pool import (GRPC_OPTIONS, SERVICE, TOKEN_HEADER, WorkerProcess, WorkerStartError, start_worker,
-                                stop_workers, wait_ready)
+from fedsim.engine.pool import (GRPC_OPTIONS, SERVICE, TOKEN_ENV, TOKEN_HEADER, WorkerProcess, WorkerStartError,
+                                Zygote, stop_workers, wait_ready)
 from fedsim.flower.compat import NODE_UNAVAILABLE, Error, Message, message_from_bytes, message_to_bytes
 from fedsim.progress import format_duration
 from fedsim.scenario import Scenario, ScenarioError
@@ -44,6 +43,7 @@ class WorkerGrid(LocalGrid):
         self._auth = ((TOKEN_HEADER, self.token),)
         self._stale: set[int] = set()                      # workers still busy with a timed-out message
         self.workers: list[WorkerProcess] = []
+        self.zygote = Zygote(run_dir / "logs", env)
         self.channels: list[grpc.Channel | None] = []
         self._pool = ThreadPoolExecutor(max_workers=max(1, len(devices)), thread_name_prefix="fedsim-dispatch")
 
@@ -54,23 +54,21 @@ class WorkerGrid(LocalGrid):
         return self.connect()
 
     def launch(self) -> "WorkerGrid":
-        """Start every worker process, not waiting for them: the caller may set up meanwhile (the
-        workers spend their first seconds importing torch), then :meth:`connect`."""
-        try:
-            self.workers = [start_worker(i, dev, self.run_dir / "logs", self.env, self.token)
-                            for i, dev in enumerate(self.devices)]
-            self.channels = [None] * len(self.workers)
-        except BaseException:
-            self.close()
-            raise
+        """Start the zygote, not waiting for it: the caller may set up meanwhile (the zygote spends
+        its first seconds importing torch), then :meth:`connect`."""
+        self.zygote.start()
         return self
 
     def connect(self) -> "WorkerGrid":
-        """Wait until every launched worker listens and send it the run config.
+        """Fork the workers, wait until each listens and send it the run config.
 
         On any failure (or Ctrl-C) every worker started so far is stopped before the error propagates.
         """
         try:
+            self.zygote.warm(self.run_config)            # data and partition loaded once, for every worker
+            for i, dev in enumerate(self.devices):
+                self.workers.append(self._fork(i, dev))
+                self.channels.append(None)
             wait_ready(self.workers, self.start_timeout_s)
             list(self._pool.map(self._connect, range(len(self.workers))))   # workers load data in parallel
         except BaseException:
@@ -93,7 +91,7 @@ class WorkerGrid(LocalGrid):
 
     def _restart(self, i: int) -> None:
         old = self.workers[i]
-        why = "timed out" if old.alive() else f"had died (exit code {old.proc.returncode})"
+        why = "timed out" if old.alive() else f"had died (exit code {old.returncode})"
         if old.restarts >= MAX_RESTARTS:
             self._events.append(f"worker {i} ({old.device}) {why} and was restarted {MAX_RESTARTS} times already: "
                                 f"not restarted, its clients' messages fail (log: {old.log_path})")
@@ -102,7 +100,7 @@ class WorkerGrid(LocalGrid):
         if self.channels[i] is not None:
             self.channels[i].close()  # type: ignore[union-attr]
         stop_workers([old])
-        new = start_worker(i, old.device, self.run_dir / "logs", self.env, self.token)
+        new = self._fork(i, old.device)
         new.restarts = old.restarts + 1
         self.workers[i] = new
         wait_ready([new], self.start_timeout_s)
@@ -110,12 +108,16 @@ class WorkerGrid(LocalGrid):
         self._events.append(f"worker {i} ({old.device}) {why}: restarted in {time.perf_counter() - t0:.1f}s "
                             f"(restart {new.restarts} of {MAX_RESTARTS}); its clients are served again")
 
+    def _fork(self, i: int, device: str) -> WorkerProcess:
+        return self.zygote.fork(i, device, {TOKEN_ENV: self.token})
+
     def close(self) -> None:
-        """Stop exactly the workers this grid started; close channels."""
+        """Stop exactly the workers this grid started and their zygote; close channels."""
         for ch in self.channels:
             if ch is not None:
                 ch.close()
         stop_workers(self.workers)
+        self.zygote.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def __enter__(self) -> "WorkerGrid":
@@ -137,7 +139,7 @@ class WorkerGrid(LocalGrid):
         deadline = time.monotonic() + (timeout or 3600.0)
         dead = [i for i in by_worker if not self.workers[i].alive() or i in self._stale]
         self._stale.difference_update(dead)
-        list(self._pool.map(self._restart, dead))          # in parallel: each start imports torch
+        list(self._pool.map(self._restart, dead))          # in parallel: each loads the data
         jobs = [self._pool.submit(self._serve, i, batch, deadline) for i, batch in by_worker.items()]
         return [reply for job in jobs for reply in job.result()]
 
@@ -155,15 +157,12 @@ class WorkerGrid(LocalGrid):
     def _failed(self, i: int, msg: Message, exc: grpc.RpcError) -> Message:
         w = self.workers[i]
         if exc.code() == grpc.StatusCode.UNAVAILABLE:
-            try:                      # a dying process may not be reaped yet when its socket closes
-                w.proc.wait(timeout=3)
-            except subprocess.TimeoutExpired:
-                pass
+            w.wait(3.0)               # a dying process may not be reaped yet when its socket closes
         if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
             self._stale.add(i)        # it may still be training: restart it before it serves again
             what = "timed out"
         elif not w.alive():
-            what = f"died (exit code {w.proc.returncode})"
+            what = f"died (exit code {w.returncode})"
         else:
             what = f"failed ({exc.code().name})"
         event = f"worker {i} ({w.device}) {what} during the round; it is restarted before it serves again"
@@ -178,8 +177,9 @@ def run(scenario: Scenario, out_dir: Path, *, progress: str = "auto", resume: bo
         force: bool = False) -> None:
     """Run ``scenario`` with persistent client workers; every worker is stopped on exit, error or Ctrl-C.
 
-    The workers are launched first, so their start-up (a Python with torch each) overlaps this
-    process's own: importing torch and the server, loading the data set and partitioning it.
+    The fork server is started first, so its imports (torch and the client code, once for all
+    workers) overlap this process's own: importing torch and the server, loading the data set
+    and partitioning it.
     """
     from fedsim.runtime import flower_env, plan_workers
 

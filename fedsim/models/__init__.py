@@ -1,5 +1,8 @@
 """Model registry: names used in scenarios (``model.name``) mapped to constructors.
 
+:func:`model_names` and :func:`model_options` are torch-free (scenario validation uses them);
+the constructors are imported on first use.
+
 Example:
     >>> m = build_model("mlp", input_shape=(4,), num_classes=3, hidden=[8])
     >>> sum(p.numel() for p in m.parameters())
@@ -8,34 +11,48 @@ Example:
 
 from __future__ import annotations
 
-import inspect
-from typing import Any, Callable
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
+from fedsim.models.options import OPTIONS
 
-from fedsim.models.nets import CNN, MLP, CharLSTM
+if TYPE_CHECKING:
+    from torch import nn
 
-MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "cnn": CNN, "char_lstm": CharLSTM}
+_CLASSES = {"mlp": "MLP", "cnn": "CNN", "char_lstm": "CharLSTM"}
 
 
 def model_names() -> list[str]:
     """Names accepted by ``model.name``."""
-    return sorted(MODELS)
+    return sorted(OPTIONS)
 
 
 def model_options(name: str) -> dict[str, Any]:
     """Extra keyword options of a model (``model.options``) with their defaults."""
-    params = inspect.signature(MODELS[name]).parameters
-    return {k: (list(p.default) if isinstance(p.default, tuple) else p.default)
-            for k, p in params.items() if k not in ("input_shape", "num_classes")}
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in OPTIONS[name].items()}
 
 
-def build_model(name: str, *, input_shape: tuple[int, ...], num_classes: int, **options: Any) -> nn.Module:
+def build_model(name: str, *, input_shape: tuple[int, ...], num_classes: int, **options: Any) -> "nn.Module":
     """Build a registered model; list options are passed as tuples."""
-    if name not in MODELS:
+    if name not in OPTIONS:
         raise ValueError(f"unknown model '{name}' (known: {', '.join(model_names())})")
     opts = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
-    return MODELS[name](tuple(input_shape), int(num_classes), **opts)
+    return _nets()[_CLASSES[name]](tuple(input_shape), int(num_classes), **opts)
+
+
+def _nets() -> dict[str, Any]:
+    """The model classes by class name (importing :mod:`fedsim.models.nets`, and torch)."""
+    nets = importlib.import_module("fedsim.models.nets")
+    return {cls: getattr(nets, cls) for cls in _CLASSES.values()}
+
+
+def __getattr__(name: str) -> Any:
+    """``MODELS`` and the model classes, imported (with torch) on first use."""
+    if name == "MODELS":
+        return {key: _nets()[cls] for key, cls in _CLASSES.items()}
+    if name in _CLASSES.values():
+        return _nets()[name]
+    raise AttributeError(f"module 'fedsim.models' has no attribute {name!r}")
 
 
 __all__ = ["CNN", "MLP", "CharLSTM", "MODELS", "build_model", "model_names", "model_options"]

@@ -11,6 +11,7 @@ import math
 import torch
 from torch import nn
 
+from fedsim.models.options import OPTIONS
 from fedsim.models.units import Slice, UnitLayer, neurons
 
 
@@ -38,7 +39,8 @@ class MLP(nn.Module):
         torch.Size([2, 10])
     """
 
-    def __init__(self, input_shape: tuple[int, ...], num_classes: int, hidden: tuple[int, ...] = (128,)):
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int,
+                 hidden: tuple[int, ...] = OPTIONS["mlp"]["hidden"]):
         super().__init__()
         _sizes("hidden", tuple(hidden))
         sizes = [math.prod(input_shape), *hidden]
@@ -77,8 +79,8 @@ class CNN(nn.Module):
         torch.Size([2, 10])
     """
 
-    def __init__(self, input_shape: tuple[int, ...], num_classes: int, channels: tuple[int, ...] = (16, 32),
-                 hidden: int = 64):
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int,
+                 channels: tuple[int, ...] = OPTIONS["cnn"]["channels"], hidden: int = OPTIONS["cnn"]["hidden"]):
         super().__init__()
         _sizes("channels", tuple(channels), allow_empty=False)
         _sizes("hidden", hidden)
@@ -131,8 +133,8 @@ class CharLSTM(nn.Module):
         torch.Size([2, 82])
     """
 
-    def __init__(self, input_shape: tuple[int, ...], num_classes: int, embed: int = 8, hidden: int = 256,
-                 layers: int = 2):
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, embed: int = OPTIONS["char_lstm"]["embed"],
+                 hidden: int = OPTIONS["char_lstm"]["hidden"], layers: int = OPTIONS["char_lstm"]["layers"]):
         super().__init__()
         for option, value in (("embed", embed), ("hidden", hidden), ("layers", layers)):
             _sizes(option, value)

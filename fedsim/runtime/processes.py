@@ -31,15 +31,15 @@ def free_port() -> int:
 
 
 def start_process(argv: Sequence[str], *, env: dict[str, str], log_path: str | Path,
-                  pipe_stdout: bool = False) -> subprocess.Popen:
-    """Start ``argv`` in its own session, stdin closed, stderr appended to ``log_path``; stdout to the
-    log too, or (``pipe_stdout``) a text pipe the caller reads."""
+                  pipes: bool = False) -> subprocess.Popen:
+    """Start ``argv`` in its own session, stderr appended to ``log_path``; stdin closed and stdout to
+    the log too, or (``pipes``) both binary pipes the caller writes and reads."""
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
-        return subprocess.Popen(list(argv), stdout=subprocess.PIPE if pipe_stdout else log,
-                                stderr=log, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
-                                text=pipe_stdout)
+        return subprocess.Popen(list(argv), stdout=subprocess.PIPE if pipes else log, stderr=log,
+                                stdin=subprocess.PIPE if pipes else subprocess.DEVNULL, env=env,
+                                start_new_session=True)
 
 
 def _send(proc: subprocess.Popen, sig: int, group: bool) -> None:

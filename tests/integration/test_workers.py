@@ -44,8 +44,8 @@ class KillingGrid(WorkerGrid):
     def _serve(self, i, msgs, deadline):
         if i == 0 and int(msgs[0].content["config"]["server-round"]) == self.kill_round and \
                 not self.workers[0].restarts:
-            os.kill(self.workers[0].proc.pid, signal.SIGKILL)
-            self.workers[0].proc.wait(timeout=30)
+            os.kill(self.workers[0].pid, signal.SIGKILL)
+            assert self.workers[0].wait(30)
         return super()._serve(i, msgs, deadline)
 
 
@@ -69,7 +69,7 @@ def test_dead_worker_reported_round_continues_and_restarts(tmp_path, tiny_yaml):
     assert all("worker 0 (cpu) died" in r for r in rows[1]["rejected_reasons"])
     assert rows[1]["rejected_by_reason"] == {"client_error": 3}            # counted per kind in metrics.jsonl
     assert rows[2]["clients"] == 6 and grid.workers[0].restarts == 1      # restarted for round 3
-    assert all(w.proc.poll() is not None for w in grid.workers), "a worker outlived the run"
+    assert not any(w.alive() for w in grid.workers), "a worker outlived the run"
     assert rows[1]["events"] == ["worker 0 (cpu) died (exit code -9) during the round; it is restarted before it "
                                  "serves again"]
     assert len(rows[2]["events"]) == 1 and rows[2]["events"][0].startswith("worker 0 (cpu) had died (exit code -9): "
@@ -100,8 +100,8 @@ class KillBetweenRounds(WorkerGrid):
 
     def _deliver(self, msgs, timeout):
         if int(msgs[0].content["config"]["server-round"]) == 2 and not self.workers[0].restarts:
-            os.kill(self.workers[0].proc.pid, signal.SIGKILL)
-            self.workers[0].proc.wait(timeout=30)
+            os.kill(self.workers[0].pid, signal.SIGKILL)
+            assert self.workers[0].wait(30)
         return super()._deliver(msgs, timeout)
 
 
@@ -121,9 +121,10 @@ def test_worker_refuses_callers_without_the_run_token(tmp_path):
     """A worker serves only the server that started it (a per-run token in its environment)."""
     import grpc
 
-    from fedsim.engine.pool import SERVICE, TOKEN_HEADER, start_worker, stop_workers, wait_ready
+    from fedsim.engine.pool import SERVICE, TOKEN_ENV, TOKEN_HEADER, Zygote, stop_workers, wait_ready
 
-    w = start_worker(0, "cpu", tmp_path, flower_env(), "s3cret")
+    zygote = Zygote(tmp_path, flower_env()).start()
+    w = zygote.fork(0, "cpu", {TOKEN_ENV: "s3cret"})
     try:
         wait_ready([w], 120)
         with grpc.insecure_channel(w.address) as ch:
@@ -134,4 +135,6 @@ def test_worker_refuses_callers_without_the_run_token(tmp_path):
                 assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
     finally:
         stop_workers([w])
-    assert w.proc.poll() is not None
+        zygote.close()
+    assert not w.alive() and w.returncode == 0          # stopped by SIGTERM, at once
+    assert zygote.proc.poll() is not None
