@@ -33,11 +33,13 @@ from fedsim.seeding import numpy_rng, torch_rng
 class Federation:
     """Data, partition, cohort sampling and model construction for one scenario."""
 
-    def __init__(self, scenario: Scenario):
+    def __init__(self, scenario: Scenario, dataset: Dataset | None = None):
+        """``dataset``: the scenario's data set as another process loaded it (else it is loaded here)."""
         self.scenario = scenario
         data = scenario.data
-        self.dataset: Dataset = load_dataset(data.dataset, root=data.root, cache_dir=data.cache_dir,
-                                             test_fraction=data.test_fraction, seed=scenario.seed, **data.options)
+        self.dataset: Dataset = dataset or load_dataset(data.dataset, root=data.root, cache_dir=data.cache_dir,
+                                                        test_fraction=data.test_fraction, seed=scenario.seed,
+                                                        **data.options)
         params = data.partition.model_dump(exclude={"kind", "num_clients"})
         try:
             self.partition = make_partition(data.partition.kind, labels=self.dataset.y_train,
@@ -160,11 +162,17 @@ class Federation:
 _CACHE: "OrderedDict[str, Federation]" = OrderedDict()
 
 
-def get_federation(scenario: Scenario) -> Federation:
-    """A per-process cache: a worker keeps data and partition warm across rounds and clients."""
+def cached_federation(scenario: Scenario) -> Federation | None:
+    """The federation :func:`get_federation` holds for ``scenario`` in this process, if any."""
+    return _CACHE.get(config_sha256(scenario))
+
+
+def get_federation(scenario: Scenario, dataset: Dataset | None = None) -> Federation:
+    """A per-process cache: a worker keeps data and partition warm across rounds and clients.
+    ``dataset`` (the scenario's, loaded elsewhere) is used if the federation is not cached yet."""
     key = config_sha256(scenario)
     if key not in _CACHE:
-        _CACHE[key] = Federation(scenario)
+        _CACHE[key] = Federation(scenario, dataset)
         while len(_CACHE) > 2:
             _CACHE.popitem(last=False)
     _CACHE.move_to_end(key)

@@ -20,11 +20,13 @@ ignore the example weights (a weight is only a client's claim; every update coun
 act on the model update only: another plugin's arrays (SCAFFOLD's ``delta_c``) are aggregated by
 that plugin as before.
 
-With ``max_update_norm``, a reply whose update norm exceeds it is left out of the aggregate (it
-is rejected, not clipped: an honest client rarely lands beyond a bound set a few times above the
-usual norm, and a clipped attacker would still pull the model its way); the number left out is
-the round's ``update_norm_rejected`` metric. If every reply exceeds the bound the round's update
-is zero.
+With ``max_update_norm``, a reply whose update norm exceeds it is refused before anything
+aggregates it (:meth:`~fedsim.core.server.ServerPlugin.screen`): it is rejected, not clipped (an
+honest client rarely lands beyond a bound set a few times above the usual norm, and a clipped
+attacker would still pull the model its way), so neither the model, nor another plugin (SCAFFOLD's
+``c``, FedHyper's learning rates), nor ``federation.min_replies`` counts it. The number refused is
+the round's ``update_norm_rejected`` metric and ``rejected_by_reason.update_norm``. If every reply
+exceeds the bound, the round has no accepted reply and is skipped.
 
 Example:
     >>> import numpy as np
@@ -289,12 +291,15 @@ class RobustAggregation(ServerPlugin):
             out["krum_fallback"] = fallback
         return out
 
-    def _kept(self, params: Named, replies: Sequence[ClientUpdate]) -> list[int]:
-        """Indices of the replies the norm guard keeps (all without a guard)."""
+    def screen(self, state: Any, server_round: int, params: Named,
+               replies: Sequence[ClientUpdate]) -> tuple[Any, dict[int, tuple[str, str]]]:
+        """The norm guard: refuse the replies whose update norm exceeds ``max_update_norm``."""
         if self.max_update_norm is None:
-            return list(range(len(replies)))
-        norms = update_norms(params, [r.model for r in replies])
-        return [i for i, v in enumerate(norms) if v <= self.max_update_norm]
+            return state, {}
+        norms = update_norms(params, [r.model for r in replies]) if replies else []
+        out = {i: ("update_norm", f"update norm {v:.4g} exceeds strategy.max_update_norm ({self.max_update_norm:g})")
+               for i, v in enumerate(norms) if not v <= self.max_update_norm}
+        return {**state, "update_norm_rejected": len(out)}, out
 
     def _rule(self, n: int) -> str | None:
         if self.rule == "krum" and n <= 2 * self.byzantine + 2:
@@ -303,21 +308,19 @@ class RobustAggregation(ServerPlugin):
 
     def combine(self, state: Any, server_round: int, params: Named, replies: Sequence[ClientUpdate],
                 weights: Sequence[float]) -> Named | None:
-        kept = self._kept(params, replies)
-        if not kept:
-            return {k: np.zeros(x.shape, np.float64) for k, x in params.items()}
-        models = [replies[i].model for i in kept]
-        rule = self._rule(len(kept))
+        rule = self._rule(len(replies))
         if rule is None:
-            return mean_update(params, models, [weights[i] for i in kept])
-        return robust_update(params, models, rule, trim=self.trim, byzantine=self.byzantine)
+            return None                                  # the weighted mean of the replies the guard kept
+        return robust_update(params, [r.model for r in replies], rule, trim=self.trim, byzantine=self.byzantine)
 
     def aggregate(self, state: Any, result: RoundResult) -> PluginUpdate:
         if result.delta is None:
             return PluginUpdate(state)
-        kept = self._kept(result.params_before, result.replies)
-        return PluginUpdate(self._counts(len(result.replies) - len(kept),
-                                         int(bool(kept) and self._rule(len(kept)) != self.rule)))
+        fallback = int(self._rule(len(result.replies)) != self.rule)
+        return PluginUpdate({**state, **({"krum_fallback": fallback} if self.rule == "krum" else {})})
+
+    def skipped(self, state: Any, result: RoundResult) -> Any:
+        return {**state, **({"krum_fallback": 0} if self.rule == "krum" else {})}
 
     def metrics(self, state: Any) -> dict[str, float]:
         return dict(state)

@@ -206,6 +206,13 @@ class ServerPlugin:
         this plugin's own array groups."""
         return model_specs, {}
 
+    def screen(self, state: Any, server_round: int, params: Named,
+               replies: Sequence["ClientUpdate"]) -> tuple[Any, dict[int, tuple[str, str]]]:
+        """Replies to refuse before anything aggregates them: ``(new state, {index in replies: (kind,
+        reason)})``. A refused reply is one of the round's rejections (counted under ``kind`` in
+        ``rejected_by_reason``); no plugin, optimizer or ``min_replies`` count sees it. Default: none."""
+        return state, {}
+
     def aggregate(self, state: Any, result: RoundResult) -> PluginUpdate:
         """Fold the round's accepted replies into the state (and optionally the global arrays)."""
         return PluginUpdate(state)
@@ -384,6 +391,19 @@ class Server:
             basis_id += int(upd.basis_changed)
         new_state = {"basis_id": basis_id, "optimizer": opt_state, "plugins": plugin_states}
         return new_params, new_state, self.metrics(new_state)
+
+    def screen(self, state: dict, plan: RoundPlan, params: Named, replies: Sequence[ClientUpdate]
+               ) -> tuple[dict, list[ClientUpdate], list[tuple[int, str, str]]]:
+        """Every taking-part plugin's :meth:`ServerPlugin.screen`, in order (each sees the replies the
+        ones before it kept): ``(new state, kept replies, [(client id, kind, reason)] refused)``."""
+        plugin_states, kept, refused = dict(state["plugins"]), list(replies), []
+        for p in self.plugins:
+            if p.name not in plan.plugins:
+                continue
+            plugin_states[p.name], out = p.screen(plugin_states[p.name], plan.server_round, params, kept)
+            refused += [(kept[i].cid, kind, reason) for i, (kind, reason) in sorted(out.items())]
+            kept = [r for i, r in enumerate(kept) if i not in out]
+        return {**state, "plugins": plugin_states}, kept, refused
 
     def skip(self, state: dict, plan: RoundPlan, params: Named, replies: Sequence[ClientUpdate]) -> tuple[dict, dict]:
         """The state and server metrics after a round that is not aggregated: the model, the optimizer

@@ -16,6 +16,8 @@ from fedsim.data.datasets import (
     dataset_names,
     dataset_options,
     load_dataset,
+    read_dataset,
+    save_dataset,
 )
 from fedsim.data.partition import (
     Partition,
@@ -42,6 +44,8 @@ __all__ = [
     "heterogeneity_line",
     "iid",
     "load_dataset",
+    "read_dataset",
+    "save_dataset",
     "make_partition",
     "natural",
     "partition_params",

@@ -159,6 +159,35 @@ def load_dataset(name: str, *, root: str | None = None, cache_dir: str | None = 
                   seed=seed, **{**entry.options, **options})
 
 
+def save_dataset(ds: Dataset, path: str | Path) -> None:
+    """Write ``ds`` to one uncompressed ``.npz`` (arrays, plus the rest as JSON; no pickle), so that
+    another process can take it with :func:`read_dataset` instead of loading the set again."""
+    import json
+
+    meta = {"name": ds.name, "num_classes": ds.num_classes, "input_shape": list(ds.input_shape), "kind": ds.kind,
+            "id_names": list(ds.id_names) if ds.id_names is not None else None, "source": ds.source,
+            "license": ds.license}
+    arrays = {"x_train": ds.x_train, "y_train": ds.y_train, "x_test": ds.x_test, "y_test": ds.y_test,
+              "meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)}
+    if ds.train_ids is not None:
+        arrays["train_ids"] = ds.train_ids
+    with open(path, "wb") as file:
+        np.savez(file, **arrays)
+
+
+def read_dataset(path: str | Path) -> Dataset:
+    """The data set :func:`save_dataset` wrote."""
+    import json
+
+    with np.load(path, allow_pickle=False) as z:
+        meta = json.loads(z["meta"].tobytes())
+        return Dataset(name=meta["name"], x_train=z["x_train"], y_train=z["y_train"], x_test=z["x_test"],
+                       y_test=z["y_test"], num_classes=meta["num_classes"], input_shape=tuple(meta["input_shape"]),
+                       kind=meta["kind"], train_ids=z["train_ids"] if "train_ids" in z.files else None,
+                       id_names=tuple(meta["id_names"]) if meta["id_names"] is not None else None,
+                       source=meta["source"], license=meta["license"])
+
+
 # --------------------------------------------------------------------- helpers
 
 def stratified_split(y: np.ndarray, test_fraction: float,

@@ -24,10 +24,10 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from fedsim.errors import RunError
+from fedsim.errors import ResumeError, RunError
 from fedsim.results import bundle
 from fedsim.runtime import free_port, start_process, stop_processes
-from fedsim.scenario import Scenario
+from fedsim.scenario import Scenario, ScenarioError
 
 
 class FlowerRunError(RunError):
@@ -122,7 +122,8 @@ def run(scenario: Scenario, out_dir: Path, *, progress: str = "auto", resume: bo
     out_dir.mkdir(parents=True, exist_ok=True)
     remote = bool(eng.superlink) and not ray
     nodes = _ray_nodes(scenario) if ray else eng.supernodes
-    run_config = make_run_config(scenario, "" if remote else out_dir, "log", resume, force,
+    run_config = make_run_config(scenario, _remote_dir(scenario, resume, progress) if remote else out_dir, "log",
+                                 resume, force,
                                  **{MIN_NODES_KEY: nodes, NODE_WAIT_KEY: eng.start_timeout_s,
                                     SHIP_KEY: "true" if remote else "false"})
     with ExitStack() as stack:
@@ -151,6 +152,25 @@ def run(scenario: Scenario, out_dir: Path, *, progress: str = "auto", resume: bo
             bundle.unpack(log_text, out_dir)
         except ValueError as exc:
             raise FlowerRunError(f"run {run_id} finished, but its results could not be read from the log: {exc}")
+
+
+def _remote_dir(scenario: Scenario, resume: bool, progress: str) -> str:
+    """Where the ServerApp on a remote SuperLink machine keeps the run: ``output.dir`` there (so its
+    checkpoints stay where ``--resume`` finds them), else a temporary directory ("")."""
+    where = scenario.output.dir
+    if where and not Path(where).is_absolute():
+        raise ScenarioError(f"scenario '{scenario.name}'", [
+            f"output.dir: a run on a remote SuperLink ({scenario.engine.superlink}) keeps its files and checkpoints "
+            f"in output.dir on that machine, so it must be an absolute path there (got {where!r})"])
+    if resume and not where:
+        raise ResumeError(f"cannot resume a run on the remote SuperLink {scenario.engine.superlink}: it resumes from "
+                          "the checkpoints the SuperLink machine keeps in output.dir, and this scenario sets none; "
+                          "set output.dir to an absolute path on that machine (before the run you want to resume)")
+    if scenario.output.checkpoint_every and not where and progress != "none":
+        print(f"note: output.checkpoint_every is set but output.dir is not: the checkpoints stay in a temporary "
+              f"directory on the SuperLink machine ({scenario.engine.superlink}) and the run cannot be resumed; set "
+              "output.dir (an absolute path there) to keep them", file=sys.stderr, flush=True)
+    return where or ""
 
 
 @contextmanager

@@ -101,9 +101,11 @@ class Zygote:
         except (BrokenPipeError, ValueError):        # it is gone: its workers are reported exited
             pass
 
-    def warm(self, run_config: dict) -> None:
-        """Have the zygote load the run's data and partition before it forks, for every worker."""
-        self.send({"op": "warm", "run_config": dict(run_config)})
+    def warm(self, run_config: dict, dataset_path: Path | None = None) -> None:
+        """Have the zygote take the run's data set (from ``dataset_path``, which the caller may delete
+        once a worker forked after this listens; else it loads it) and partition it, before it forks."""
+        self.send({"op": "warm", "run_config": dict(run_config), **({"dataset": str(dataset_path)}
+                                                                    if dataset_path else {})})
 
     def fork(self, index: int, device: str, env: dict[str, str]) -> WorkerProcess:
         """Request worker ``index`` on ``device`` with ``env`` added to the zygote's environment."""

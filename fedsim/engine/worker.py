@@ -103,15 +103,17 @@ def _log_message(msg) -> None:
           file=sys.stderr, flush=True)
 
 
-def warm_up(run_config: dict) -> None:
+def warm_up(run_config: dict, dataset_path: str | None = None) -> None:
     """Load data and partition and pay torch's one-off optimizer import, before round 1. The zygote
-    does it before forking (every worker inherits it); a worker's own call then finds it done."""
+    does it before forking (every worker inherits it), taking the data set the server wrote to
+    ``dataset_path``; a worker's own call then finds it done."""
     import torch
 
+    from fedsim.data import read_dataset
     from fedsim.federation import get_federation
     from fedsim.flower.codec import scenario_from_config
 
-    get_federation(scenario_from_config(run_config))
+    get_federation(scenario_from_config(run_config), read_dataset(dataset_path) if dataset_path else None)
     torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0).zero_grad()
 
 

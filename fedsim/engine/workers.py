@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -65,11 +66,13 @@ class WorkerGrid(LocalGrid):
         On any failure (or Ctrl-C) every worker started so far is stopped before the error propagates.
         """
         try:
-            self.zygote.warm(self.run_config)            # data and partition loaded once, for every worker
-            for i, dev in enumerate(self.devices):
-                self.workers.append(self._fork(i, dev))
-                self.channels.append(None)
-            wait_ready(self.workers, self.start_timeout_s)
+            with tempfile.TemporaryDirectory(prefix="fedsim-data-") as tmp:
+                dataset_path = self._hand_over_dataset(Path(tmp))
+                self.zygote.warm(self.run_config, dataset_path)   # data and partition: once, for every worker
+                for i, dev in enumerate(self.devices):
+                    self.workers.append(self._fork(i, dev))
+                    self.channels.append(None)
+                wait_ready(self.workers, self.start_timeout_s)     # the zygote has read the data set by now
             list(self._pool.map(self._connect, range(len(self.workers))))   # workers load data in parallel
         except BaseException:
             self.close()
@@ -107,6 +110,20 @@ class WorkerGrid(LocalGrid):
         self._connect(i)
         self._events.append(f"worker {i} ({old.device}) {why}: restarted in {time.perf_counter() - t0:.1f}s "
                             f"(restart {new.restarts} of {MAX_RESTARTS}); its clients are served again")
+
+    def _hand_over_dataset(self, tmp: Path) -> Path | None:
+        """The data set this process has loaded, written for the zygote (which then need not load it
+        itself: for scikit-learn's sets that is importing scikit-learn, half a second); None if this
+        process has not loaded it."""
+        from fedsim.data import save_dataset
+        from fedsim.federation import cached_federation
+        from fedsim.flower.codec import scenario_from_config
+
+        fed = cached_federation(scenario_from_config(self.run_config))
+        if fed is None:
+            return None
+        save_dataset(fed.dataset, tmp / "dataset.npz")
+        return tmp / "dataset.npz"
 
     def _fork(self, i: int, device: str) -> WorkerProcess:
         return self.zygote.fork(i, device, {TOKEN_ENV: self.token})
@@ -177,9 +194,10 @@ def run(scenario: Scenario, out_dir: Path, *, progress: str = "auto", resume: bo
         force: bool = False) -> None:
     """Run ``scenario`` with persistent client workers; every worker is stopped on exit, error or Ctrl-C.
 
-    The fork server is started first, so its imports (torch and the client code, once for all
+    The zygote is started first, so its imports (torch and the client code, once for all
     workers) overlap this process's own: importing torch and the server, loading the data set
-    and partitioning it.
+    and partitioning it. The zygote then takes that data set from this process, and forks the
+    workers.
     """
     from fedsim.runtime import flower_env, plan_workers
 
@@ -210,7 +228,11 @@ def run(scenario: Scenario, out_dir: Path, *, progress: str = "auto", resume: bo
         check_version()
         torch.set_num_threads(1)
         grid.run_config = make_run_config(scenario, out_dir, progress, resume, force)
-        grid.num_nodes = get_federation(scenario).num_clients
+        loading = time.perf_counter()
+        fed = get_federation(scenario)
+        say(f"loaded {scenario.data.dataset} ({len(fed.dataset.y_train)} train, {len(fed.dataset.y_test)} test "
+            f"examples) in {format_duration(time.perf_counter() - loading)}; forking the workers ...")
+        grid.num_nodes = fed.num_clients
         grid.connect()
         say(f"{len(devices)} worker(s) ready in {format_duration(time.perf_counter() - started)}")
         run_server_app(server_app, grid, grid.run_config)

@@ -17,8 +17,9 @@ fork copies no lock held by another thread.
 
 Protocol: JSON lines, never pickle. On stdin, from the server:
 
-- ``{"op": "warm", "run_config": {...}}``: load the data set and partition (and pay torch's
-  one-off optimizer import) before forking, so the workers inherit them;
+- ``{"op": "warm", "run_config": {...}, "dataset": path}``: take the data set the server wrote
+  to ``path`` (:func:`fedsim.data.save_dataset`; without it, load it), partition it and pay
+  torch's one-off optimizer import, before forking, so the workers inherit all of it;
 - ``{"op": "fork", "index": i, "env": {...}, "log": path}``: fork worker ``i`` with these
   environment variables added, its output appended to ``log``;
 - ``{"op": "signal", "pid": p, "signal": s}``: signal a worker it forked and has not yet reaped
@@ -60,7 +61,11 @@ class Zygote:
         op = cmd.get("op")
         if op == "warm":
             from fedsim.engine.worker import warm_up
-            warm_up(cmd["run_config"])
+            started = time.perf_counter()
+            warm_up(cmd["run_config"], cmd.get("dataset"))
+            how = "taken from the server's file" if cmd.get("dataset") else "loaded"
+            print(f"zygote (pid {os.getpid()}): data set {how}, partitioned, warm in "
+                  f"{time.perf_counter() - started:.2f}s", file=sys.stderr, flush=True)
         elif op == "fork":
             self.fork(int(cmd["index"]), dict(cmd["env"]), str(cmd["log"]))
         elif op == "signal":

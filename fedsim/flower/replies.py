@@ -333,7 +333,7 @@ def _broadcasts(shape: tuple, target: tuple) -> bool:
 
 #: The kind of every rejection, as :func:`reason_kind` returns it.
 KINDS = ("client_error", "oversize", "decode", "metrics", "sender", "duplicate", "stale", "round", "names", "dtype",
-         "shape", "nonfinite", "other")
+         "shape", "nonfinite", "update_norm", "other")
 _RUNNER_PREFIX = re.compile(r"^client (\d+|None): ")
 _PATTERNS: tuple[tuple[str, re.Pattern], ...] = tuple((k, re.compile(p)) for k, p in (
     ("client_error", r"^client error"),
@@ -348,6 +348,7 @@ _PATTERNS: tuple[tuple[str, re.Pattern], ...] = tuple((k, re.compile(p)) for k, 
     ("dtype", r"^array '.*' has (non-numeric |an unknown )?dtype"),
     ("shape", r"^array '.*' is \S+\[.*\], expected"),
     ("nonfinite", r"^array '.*' has NaN or infinite values"),
+    ("update_norm", r"^update norm \S+ exceeds strategy.max_update_norm"),
 ))
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,6 @@ from fedsim.flower.compat import message_nbytes
 from fedsim.flower.strategy import FedsimStrategy, RoundOutcome, client_of
 from fedsim.progress import RoundProgress
 from fedsim.results import MetricsWriter, build_summary, bundle, plot_run, read_metrics, save_checkpoint, write_json
-from fedsim.flower.replies import count_kinds
 from fedsim.flower.state_store import restore_snapshot
 from fedsim.results.checkpoint import (checkpoint_path, iter_intact, prune_checkpoints, snapshot_client_state,
                                        snapshot_path)
@@ -144,8 +144,8 @@ class ServerLoop:
         row.update(self._client_eval(grid, rnd, arrays))
         row.update(self._server_eval(rnd, arrays))
         if outcome.rejected:
-            row["rejected_reasons"] = [f"client {c}: {r}" for c, r in outcome.rejected]
-            row["rejected_by_reason"] = count_kinds(r for _, r in outcome.rejected)
+            row["rejected_reasons"] = [f"client {c}: {r}" for c, r, _ in outcome.rejected]
+            row["rejected_by_reason"] = dict(Counter(kind for _, _, kind in outcome.rejected))
         events = grid.take_events() if hasattr(grid, "take_events") else []   # fedsim's own grids report restarts
         events += retry_events
         if events:

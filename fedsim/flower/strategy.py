@@ -52,7 +52,7 @@ class RoundOutcome:
 
     arrays: Named | None
     metrics: dict[str, Any]
-    rejected: list[tuple[int | None, str]] = field(default_factory=list)
+    rejected: list[tuple[int | None, str, str]] = field(default_factory=list)   # (client id, reason, kind)
     clients: list[dict[str, Any]] = field(default_factory=list)
     bytes_up: int = 0
     aggregate_s: float = 0.0
@@ -174,6 +174,12 @@ class FedsimStrategy(Strategy):
         bad = [r for r in results if isinstance(r, Rejected)]
         start = time.perf_counter()
         updates = [ClientUpdate(r.cid, r.weight, r.model, r.groups, _numbers(r.metrics)) for r in ok]
+        self.state, updates, refused = self.server.screen(self.state, self._plan, self._params, updates)
+        if refused:                         # a plugin's screen (the norm guard): rejections like the checks'
+            nbytes = {r.cid: r.nbytes for r in ok}
+            bad += [Rejected(cid, reason, nbytes[cid], kind) for cid, kind, reason in refused]
+            kept = {u.cid for u in updates}
+            ok = [r for r in ok if r.cid in kept]
         needed = self.fed.scenario.federation.replies_needed(len(self._exp.node_of))
         skipped = len(ok) < needed          # always with no accepted reply: at least 1 is needed
         if skipped:
@@ -187,7 +193,7 @@ class FedsimStrategy(Strategy):
         saved = sum(int(np.prod(spec[k].shape) - np.prod(spec[k].wire_shape)) * spec[k].dtype.itemsize
                     for k in spec if spec[k].kept is not None)
         return RoundOutcome(None if skipped else new, {**_train_metrics(ok, bad, server_metrics), **server_metrics},
-                            [(r.cid, r.reason) for r in bad], [_client_row(server_round, r) for r in ok],
+                            [(r.cid, r.reason, r.kind) for r in bad], [_client_row(server_round, r) for r in ok],
                             sum(r.nbytes for r in results), time.perf_counter() - start, saved * len(ok))
 
     def aggregate_train(self, server_round: int,

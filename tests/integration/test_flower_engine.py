@@ -115,3 +115,34 @@ def test_autoflip_with_a_refresh_on_flower(tmp_path, tiny_yaml):
     rows = {r["round"]: r for r in read_metrics(tmp_path / "b")}
     assert [rows[t]["clients"] for t in (1, 2, 3)] == [3, 3, 3] and not any(rows[t]["rejected"] for t in rows)
     assert rows[1]["bytes_up"] < rows[1]["bytes_up_dense"] and rows[2]["bytes_up"] == rows[2]["bytes_up_dense"]
+
+
+def test_remote_run_keeps_checkpoints_on_the_superlink_machine_and_resumes_there(tmp_path, tiny_yaml):
+    """With a remote SuperLink, output.dir names the run directory on the SuperLink machine: the
+    checkpoints stay there, and --resume continues from them. Round 2's checkpoint is deleted, so
+    the resumed run must re-train round 2 from round 1's checkpoint and end where a straight run
+    ends. Catches a ServerApp that keeps the run in a temporary directory (no checkpoint left to
+    resume from) and a resume that starts over or ignores the remote checkpoints."""
+    from fedsim.engine.flower import LoopbackDeployment
+    from fedsim.results import read_metrics
+    from fedsim.runtime import flower_env
+
+    text = tiny_yaml.replace("rounds: 3", "rounds: 2")
+    there = tmp_path / "on-the-superlink"
+    with LoopbackDeployment(tmp_path / "remote", 2, flower_env()) as link:
+        remote = (text + f"engine: {{kind: flower, supernodes: 2, superlink: '{link.address}'}}\n"
+                  f"output: {{dir: '{there}', checkpoint_every: 1}}\n")
+        run_scenario(parse_scenario(remote), tmp_path / "local", progress="none")
+        kept = sorted(p.name for p in (there / "checkpoints").glob("round-*.safetensors"))
+        assert kept == ["round-00001.safetensors", "round-00002.safetensors"]
+        (there / "checkpoints" / kept[-1]).unlink()
+        (there / "summary.json").unlink()
+        run_scenario(parse_scenario(remote), tmp_path / "local", progress="none", resume=True)
+    print(f"\ncheckpoints on the SuperLink side: {kept}; resumed from round 1")
+    run_scenario(parse_scenario(text + "engine: {kind: inprocess}\n"), tmp_path / "ref", progress="none")
+    a, b = load_file(str(tmp_path / "ref/model.safetensors")), load_file(str(there / "model.safetensors"))
+    diff = max(float(np.abs(a[k] - b[k]).max()) for k in a)
+    print(f"max |resumed remote - straight in-process| = {diff:.2e}")
+    assert diff <= 1e-6
+    assert [r["round"] for r in read_metrics(there)] == [1, 2]
+

@@ -34,6 +34,9 @@ def test_parity_with_inprocess(tmp_path, tiny_yaml):
     ra, rb = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
     assert [r["bytes_up"] for r in ra] == [r["bytes_up"] for r in rb]
     assert json.loads((tmp_path / "b/summary.json").read_text())["engine"] == "workers"
+    # The zygote took the data set this process had loaded rather than loading it again (a config
+    # hash that differs between the two processes would silently make every run load it twice).
+    assert "data set taken from the server's file" in (tmp_path / "b/logs/zygote.log").read_text()
 
 
 class KillingGrid(WorkerGrid):

@@ -145,9 +145,12 @@ def _replies(values, cids=None) -> list[ClientUpdate]:
 
 
 def _step(plugin: RobustAggregation, replies: list[ClientUpdate]) -> tuple[dict, dict]:
+    """One round as the strategy runs it: screen the replies, then aggregate the kept ones."""
     server = Server(scale(1.0), [plugin])
     state = server.init(X)
-    params, _, metrics = server.aggregate(state, server.plan(state, 1, X), X, replies)
+    plan = server.plan(state, 1, X)
+    state, kept, _ = server.screen(state, plan, X, replies)
+    params, _, metrics = server.aggregate(state, plan, X, kept)
     return params, metrics
 
 
@@ -173,6 +176,30 @@ def test_the_norm_guard_leaves_big_updates_out_and_counts_them():
     assert metrics == {"lr_global": 1.0, "update_norm_rejected": 1}
     params, metrics = _step(RobustAggregation("robust", rule=None, max_update_norm=5.1), replies)
     assert params["w"].tolist() == [1.0] * 3 and metrics["update_norm_rejected"] == 2
+
+
+def test_refused_replies_reach_no_other_plugin_and_carry_kind_and_reason():
+    """The guard refuses before aggregation: a plugin after it (here a recorder standing in for
+    SCAFFOLD's c or FedHyper's hypergradient) sees only the kept replies, and each refusal names
+    the client, the kind and the norm. Catches the old guard that only left the reply out of the
+    model mean while every other plugin still folded it in."""
+    from fedsim.core.server import PluginUpdate, ServerPlugin
+
+    class Recorder(ServerPlugin):
+        name = "recorder"
+        seen: list[int] = []
+
+        def aggregate(self, state, result):
+            Recorder.seen = [r.cid for r in result.replies]
+            return PluginUpdate(state)
+
+    server = Server(scale(1.0), [RobustAggregation("robust", rule=None, max_update_norm=5.3), Recorder()])
+    state = server.init(X)
+    plan = server.plan(state, 1, X)
+    state, kept, refused = server.screen(state, plan, X, _replies([1.0, 1e30, 3.0]))
+    server.aggregate(state, plan, X, kept)
+    assert Recorder.seen == [0, 2]
+    assert refused == [(1, "update_norm", "update norm 1.732e+30 exceeds strategy.max_update_norm (5.3)")]
 
 
 def test_a_round_whose_every_update_is_too_big_keeps_the_model():

@@ -80,7 +80,7 @@ def test_duplicate_reply_is_rejected_and_not_counted_twice(tmp_path, tiny_yaml):
     replies = b.deliver(b.messages(1))
     doubled = b.strategy.aggregate(1, replies + [replies[0]])
     cid = replies[0].content["metrics"]["client-id"]
-    assert doubled.rejected == [(cid, f"duplicate reply for client {cid}")]
+    assert doubled.rejected == [(cid, f"duplicate reply for client {cid}", "duplicate")]
     assert doubled.metrics["clients"] == honest.metrics["clients"] == 3
     assert all(np.array_equal(honest.arrays[k], doubled.arrays[k]) for k in honest.arrays)
 
