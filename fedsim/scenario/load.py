@@ -251,7 +251,8 @@ def _message(err: dict, loc: tuple, raw: dict) -> str:
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
         op = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}[kind]
         bound = next(iter(ctx.values()))
-        return f"must be {op} {bound:g} (got {short(err.get('input'))})"
+        shown = str(bound) if isinstance(bound, int) else f"{bound:g}"      # 4294967295, not 4.29497e+09
+        return f"must be {op} {shown} (got {short(err.get('input'))})"
     msg = err["msg"]
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]

@@ -42,6 +42,9 @@ def either_or_message(a: str, b: str) -> str:
     return f"give either {a} or {b}, not both"
 
 
+#: The largest ``seed``: scikit-learn's ``random_state`` (train/test splits) is a 32-bit seed.
+SEED_MAX = 2 ** 32 - 1
+
 class Section(BaseModel):
     """Base of every section: unknown keys are errors, values are validated on assignment."""
 
@@ -453,7 +456,8 @@ class Scenario(Section):
     """A whole federation: what to train, on which data, split how, for how long."""
 
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")]
-    seed: Annotated[int, Field(ge=0)] = 0
+    #: at most 2**32 - 1: scikit-learn's splits (and numpy's legacy seeding) take no larger seed
+    seed: Annotated[int, Field(ge=0, le=SEED_MAX)] = 0
     data: DataConfig
     model: ModelConfig
     federation: FederationConfig

@@ -31,6 +31,7 @@ import yaml
 
 from fedsim.scenario.errors import ScenarioError
 from fedsim.scenario.yaml_read import MAX_BYTES, decode_text, read_yaml
+from fedsim.scenario.schema import SEED_MAX
 
 __all__ = ["Axis", "Cell", "Grid", "GridError", "Method", "load_grid", "parse_grid", "select_cells",
            "subset_indices", "value_text"]
@@ -406,8 +407,8 @@ class _Parser:
             self.bad("seeds", f"a non-empty list of integers >= 0 (got {raw!r})")
             return (0,)
         for i, s in enumerate(raw):
-            if isinstance(s, bool) or not isinstance(s, int) or s < 0:
-                self.bad(f"seeds[{i}]", f"an integer >= 0 (got {s!r})")
+            if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= SEED_MAX:
+                self.bad(f"seeds[{i}]", f"an integer from 0 to {SEED_MAX} (got {s!r})")
         dup = sorted({s for s in raw if raw.count(s) > 1}, key=str)
         if dup:
             self.bad("seeds", f"listed more than once: {', '.join(map(str, dup))}")

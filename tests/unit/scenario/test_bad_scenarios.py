@@ -224,8 +224,11 @@ def test_huge_numbers_have_paths(value, expect):
 
 
 def test_int64_boundary_is_accepted():
-    """Catches an integer bound that is off by one or stricter than 64 bits."""
-    assert parse_scenario(VALID.replace("seed: 0", f"seed: {2 ** 63 - 1}")).seed == 2 ** 63 - 1
+    """Catches an integer bound that is off by one or stricter than 64 bits (``seed`` has its own
+    32-bit bound, scikit-learn's, and takes its largest value)."""
+    big = parse_scenario(VALID.replace("rounds: 1,", f"rounds: {2 ** 63 - 1},"))
+    assert big.federation.rounds == 2 ** 63 - 1
+    assert parse_scenario(VALID.replace("seed: 0", f"seed: {2 ** 32 - 1}")).seed == 2 ** 32 - 1
 
 
 def test_message_stays_on_one_screen():
