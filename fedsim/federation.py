@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 
 import numpy as np
@@ -79,6 +80,7 @@ class Federation:
 
         ds, name = self.dataset, self.scenario.model.name
         where = f"scenario '{self.scenario.name}'"
+        self._check_model_size(where)
         try:
             model = self.client_model()
         except ModelOptionError as exc:
@@ -87,6 +89,10 @@ class Federation:
         except (ValueError, TypeError) as exc:
             raise ScenarioError(where, [f"model.name: '{name}' cannot be built for data set '{ds.name}' (input shape "
                                         f"{tuple(ds.input_shape)}, {ds.num_classes} classes): {exc}"]) from None
+        except (MemoryError, RuntimeError) as exc:       # torch's allocator: "can't allocate memory"
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ScenarioError(where, [f"model.options: the '{name}' model cannot be allocated here ({first}); "
+                                        "choose smaller model.options"]) from None
         x = torch.as_tensor(ds.x_train[:2])
         training = model.training
         try:
@@ -99,6 +105,25 @@ class Federation:
                                         f"(shape {tuple(ds.input_shape)}, {x.dtype}): {first}"]) from None
         finally:
             model.train(training)
+
+    def _check_model_size(self, where: str) -> None:
+        """Refuse a model whose parameters alone exceed this machine's memory, measured on torch's
+        ``meta`` device (shapes only, nothing allocated), instead of a failed allocation or the
+        kernel's OOM killer in the middle of building it."""
+        import torch
+
+        try:
+            with torch.device("meta"):
+                model = build_model(self.scenario.model.name, input_shape=self.dataset.input_shape,
+                                    num_classes=self.dataset.num_classes, **self.scenario.model.options)
+        except Exception:  # noqa: BLE001 - whatever fails here fails again, with its message, in the real build
+            return
+        size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
+        if memory and size > memory:
+            raise ScenarioError(where, [f"model.options: the '{self.scenario.model.name}' model has "
+                                        f"{size / 2 ** 30:.1f} GiB of parameters, more than this machine's "
+                                        f"{memory / 2 ** 30:.1f} GiB of memory; choose smaller model.options"])
 
     def _cohort_size(self) -> int:
         fed = self.scenario.federation

@@ -121,6 +121,26 @@ def test_validate_checks_what_needs_the_data(tmp_path, scenario, capsys, overrid
     assert message in _err(capsys)
 
 
+@pytest.mark.parametrize("hidden", [2_000_000_000, 80_000_000])
+def test_a_model_too_big_to_allocate_is_a_scenario_problem(scenario, hidden):
+    """A layer of 2e9 units (559 GiB) exceeds any machine's memory and is refused from its shapes
+    alone; one of 8e7 (20 GiB) under a 6 GiB address-space limit fails torch's allocation (or,
+    on a small machine, the same size check). Both are ``model.options`` problems with exit 2.
+    Catches the allocator's RuntimeError traceback and a size check that allocates to measure."""
+    import resource
+    import subprocess
+    import sys
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))
+
+    proc = subprocess.run([sys.executable, "-m", "fedsim.cli", "validate", str(scenario), "--set",
+                           f"model.options.hidden=[{hidden}]"], capture_output=True, text=True, timeout=120,
+                          preexec_fn=limit)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "model.options: the 'mlp' model " in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_validate_ok(scenario, capsys):
     assert main(["validate", str(scenario)]) == 0
     assert f"{scenario}: ok (tiny)" in _err(capsys)
