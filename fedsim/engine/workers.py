@@ -73,6 +73,8 @@ class WorkerGrid(LocalGrid):
                     self.workers.append(self._fork(i, dev))
                     self.channels.append(None)
                 wait_ready(self.workers, self.start_timeout_s)     # the zygote has read the data set by now
+            self._events += [f"the workers' zygote reported: {e} (see {self.zygote.log_path}); each worker "
+                             "loads what it lacks itself" for e in self.zygote.errors]
             list(self._pool.map(self._connect, range(len(self.workers))))   # workers load data in parallel
         except BaseException:
             self.close()

@@ -141,3 +141,60 @@ def test_worker_refuses_callers_without_the_run_token(tmp_path):
         zygote.close()
     assert not w.alive() and w.returncode == 0          # stopped by SIGTERM, at once
     assert zygote.proc.poll() is not None
+
+
+def test_no_worker_or_zygote_outlives_a_killed_server(tmp_path, tiny_yaml):
+    """SIGKILL the ``fedsim run`` process mid-run (no cleanup code of it runs): its zygote sees its
+    stdin close and stops the workers, and every one of them is gone within seconds. Catches a
+    zygote that waits for a command forever, and workers that do not watch their parent."""
+    import re
+    import subprocess
+    import sys
+    import time
+
+    scenario = tmp_path / "s.yaml"
+    scenario.write_text(tiny_yaml.replace("rounds: 3", "rounds: 500") + "engine: {kind: workers, workers: 2}\n")
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "fedsim.cli", "run", str(scenario), "--out", str(out), "--quiet"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    pids: set[int] = set()
+    try:
+        deadline = time.monotonic() + 120
+        while len(pids) < 3 and time.monotonic() < deadline and proc.poll() is None:   # the zygote and 2 workers
+            for log in (out / "logs").glob("*.log") if (out / "logs").is_dir() else ():
+                pids |= {int(p) for p in re.findall(r"\(pid (\d+)\)", log.read_text(errors="replace"))}
+            time.sleep(0.1)
+        assert len(pids) == 3, f"expected the zygote's and 2 workers' pids in the logs, got {pids}"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+
+    def running(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except (OSError, IndexError):
+            return False
+
+    deadline = time.monotonic() + 15
+    while any(running(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = [p for p in pids if running(p)]
+    print(f"\nzygote and workers {sorted(pids)} after the server's SIGKILL: still running {left}")
+    assert not left
+
+
+class BadHandOver(WorkerGrid):
+    """Hands the zygote a file that is not a data set."""
+
+    def _hand_over_dataset(self, tmp):
+        (tmp / "dataset.npz").write_bytes(b"not an npz")
+        return tmp / "dataset.npz"
+
+
+def test_a_failed_data_hand_over_is_said_and_the_workers_load_the_data_themselves(tmp_path, tiny_yaml):
+    """The zygote cannot read the data set it is handed: round 1's events say so, and the run is
+    the same as ever (each worker loads the data itself). Catches a zygote that dies on a bad
+    command (every worker start would fail) and an error that is swallowed without a word."""
+    grid, rows = _run_grid(tmp_path, tiny_yaml, BadHandOver)
+    assert [r["clients"] for r in rows] == [3, 3, 3] and not any(r["rejected"] for r in rows)
+    assert any("the workers' zygote reported:" in e for e in rows[0]["events"]), rows[0].get("events")
