@@ -52,7 +52,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from fedsim.core.arrays import Named, is_float, mean_update
+from fedsim.core.arrays import Named, is_float
 from fedsim.core.server import ClientUpdate, PluginUpdate, RoundResult, ServerPlugin
 
 #: The robust rules :func:`robust_update` knows.

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from fedsim.errors import RunError
+from fedsim.engine.zygote import GRACE_S as ZYGOTE_GRACE_S
 from fedsim.runtime import start_process, stop_processes, worker_env
 
 #: The per-run secret a worker requires in the metadata of every call (given through its environment).
@@ -58,6 +59,13 @@ class WorkerProcess:
     def alive(self) -> bool:
         return not self.exited.is_set()
 
+    @property
+    def how_it_ended(self) -> str:
+        """``exit code N`` (negative: killed by that signal), or why the code is unknown."""
+        if self.returncode is not None:
+            return f"exit code {self.returncode}"
+        return "its zygote died, and with it its exit code"
+
     def wait(self, timeout_s: float) -> bool:
         """Wait up to ``timeout_s`` for the worker to end; whether it has."""
         return self.exited.wait(timeout_s)
@@ -84,6 +92,7 @@ class Zygote:
         self.errors: list[str] = []
         self._by_pid: dict[int, WorkerProcess] = {}
         self._forking: list[WorkerProcess] = []      # fork requests not yet answered, in order
+        self._early: dict[int, list[dict]] = {}      # events of a pid whose "forked" has not come yet
         self._lock = threading.Lock()
 
     def start(self) -> "Zygote":
@@ -140,11 +149,15 @@ class Zygote:
             w = self._forking.pop(0)
             w.pid = int(event["pid"])
             self._by_pid[w.pid] = w
-        elif kind == "port" and event.get("pid") in self._by_pid:
+            for early in self._early.pop(w.pid, []):  # a worker can write its port before the zygote says it forked
+                self._on(early)
+        elif kind in ("port", "exit") and event.get("pid") not in self._by_pid:
+            self._early.setdefault(int(event["pid"]), []).append(event)
+        elif kind == "port":
             w = self._by_pid[event["pid"]]
             w.port = int(event["port"])
             w.listening.set()
-        elif kind == "exit" and event.get("pid") in self._by_pid:
+        elif kind == "exit":
             w = self._by_pid.pop(event["pid"])
             w.returncode = int(event["code"])
             w.exited.set()
@@ -155,12 +168,17 @@ class Zygote:
         return _tail(self.log_path, lines)
 
     def close(self, grace_s: float = 5.0) -> None:
-        """Close its stdin (it stops any worker left, then exits) and reap it."""
+        """Close its stdin (it stops any worker left, then exits), wait for it, and reap it (SIGTERM,
+        then SIGKILL, if it does not exit by itself)."""
         if self.proc is None:
             return
         try:
             self.proc.stdin.close()                  # type: ignore[union-attr]
         except OSError:
+            pass
+        try:
+            self.proc.wait(timeout=ZYGOTE_GRACE_S + 1.0)
+        except subprocess.TimeoutExpired:
             pass
         stop_processes([self.proc], grace_s)
         self.gone.wait(grace_s)
@@ -185,11 +203,14 @@ def wait_ready(workers: list[WorkerProcess], timeout_s: float) -> None:
 
 
 def stop_workers(workers: list[WorkerProcess], grace_s: float = 5.0) -> None:
-    """SIGTERM every worker we started, then SIGKILL what is left after ``grace_s``; wait for all."""
-    for w in workers:
+    """SIGTERM every worker we started, then SIGKILL what is left after ``grace_s``; wait for all.
+
+    A worker whose fork the zygote has not reported yet is left to :meth:`Zygote.close`."""
+    forked = [w for w in workers if w.pid]
+    for w in forked:
         w.signal(signal.SIGTERM)
     deadline = time.monotonic() + grace_s
-    for w in workers:
+    for w in forked:
         if not w.wait(max(0.05, deadline - time.monotonic())):
             w.signal(signal.SIGKILL)
             w.wait(5.0)

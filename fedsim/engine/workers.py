@@ -15,6 +15,7 @@ import json
 import os
 import secrets
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -45,6 +46,7 @@ class WorkerGrid(LocalGrid):
         self._stale: set[int] = set()                      # workers still busy with a timed-out message
         self.workers: list[WorkerProcess] = []
         self.zygote = Zygote(run_dir / "logs", env)
+        self._zygote_lock = threading.Lock()                # restarts fork in parallel
         self.channels: list[grpc.Channel | None] = []
         self._pool = ThreadPoolExecutor(max_workers=max(1, len(devices)), thread_name_prefix="fedsim-dispatch")
 
@@ -75,7 +77,7 @@ class WorkerGrid(LocalGrid):
                 wait_ready(self.workers, self.start_timeout_s)     # the zygote has read the data set by now
             self._events += [f"the workers' zygote reported: {e} (see {self.zygote.log_path}); each worker "
                              "loads what it lacks itself" for e in self.zygote.errors]
-            list(self._pool.map(self._connect, range(len(self.workers))))   # workers load data in parallel
+            list(self._pool.map(self._connect, range(len(self.workers))))   # configured in parallel
         except BaseException:
             self.close()
             raise
@@ -96,7 +98,7 @@ class WorkerGrid(LocalGrid):
 
     def _restart(self, i: int) -> None:
         old = self.workers[i]
-        why = "timed out" if old.alive() else f"had died (exit code {old.returncode})"
+        why = "timed out" if old.alive() else f"had died ({old.how_it_ended})"
         if old.restarts >= MAX_RESTARTS:
             self._events.append(f"worker {i} ({old.device}) {why} and was restarted {MAX_RESTARTS} times already: "
                                 f"not restarted, its clients' messages fail (log: {old.log_path})")
@@ -128,7 +130,14 @@ class WorkerGrid(LocalGrid):
         return tmp / "dataset.npz"
 
     def _fork(self, i: int, device: str) -> WorkerProcess:
-        return self.zygote.fork(i, device, {TOKEN_ENV: self.token})
+        with self._zygote_lock:
+            if self.zygote.gone.is_set():        # it died (e.g. killed for memory): a new one, for restarts
+                self._events.append(f"the workers' zygote had exited (log: {self.zygote.log_path}); a new one "
+                                    "was started")
+                self.zygote.close()
+                self.zygote = Zygote(self.run_dir / "logs", self.env).start()
+                self.zygote.warm(self.run_config)    # it loads the data itself
+            return self.zygote.fork(i, device, {TOKEN_ENV: self.token})
 
     def close(self) -> None:
         """Stop exactly the workers this grid started and their zygote; close channels."""
@@ -158,7 +167,7 @@ class WorkerGrid(LocalGrid):
         deadline = time.monotonic() + (timeout or 3600.0)
         dead = [i for i in by_worker if not self.workers[i].alive() or i in self._stale]
         self._stale.difference_update(dead)
-        list(self._pool.map(self._restart, dead))          # in parallel: each loads the data
+        list(self._pool.map(self._restart, dead))          # in parallel
         jobs = [self._pool.submit(self._serve, i, batch, deadline) for i, batch in by_worker.items()]
         return [reply for job in jobs for reply in job.result()]
 
@@ -181,7 +190,7 @@ class WorkerGrid(LocalGrid):
             self._stale.add(i)        # it may still be training: restart it before it serves again
             what = "timed out"
         elif not w.alive():
-            what = f"died (exit code {w.returncode})"
+            what = f"died ({w.how_it_ended})"
         else:
             what = f"failed ({exc.code().name})"
         event = f"worker {i} ({w.device}) {what} during the round; it is restarted before it serves again"

@@ -198,3 +198,25 @@ def test_a_failed_data_hand_over_is_said_and_the_workers_load_the_data_themselve
     grid, rows = _run_grid(tmp_path, tiny_yaml, BadHandOver)
     assert [r["clients"] for r in rows] == [3, 3, 3] and not any(r["rejected"] for r in rows)
     assert any("the workers' zygote reported:" in e for e in rows[0]["events"]), rows[0].get("events")
+
+
+class KillZygoteAndWorker(WorkerGrid):
+    """Kills the zygote, then worker 0 (SIGKILL, by PID), before round 2 is dispatched."""
+
+    def _deliver(self, msgs, timeout):
+        if int(msgs[0].content["config"]["server-round"]) == 2 and not self.workers[0].restarts:
+            os.kill(self.zygote.proc.pid, signal.SIGKILL)
+            assert self.zygote.gone.wait(30)
+            os.kill(self.workers[0].pid, signal.SIGKILL)
+            assert self.workers[0].wait(30) or self.zygote.gone.is_set()
+        return super()._deliver(msgs, timeout)
+
+
+def test_a_dead_zygote_is_replaced_when_a_worker_must_be_restarted(tmp_path, tiny_yaml):
+    """The zygote dies (e.g. killed for memory), then a worker: the restart starts a new zygote
+    and the run completes with every client, saying so. Catches a restart that fails for good
+    once its zygote is gone."""
+    grid, rows = _run_grid(tmp_path, tiny_yaml, KillZygoteAndWorker)
+    assert [r["clients"] for r in rows] == [3, 3, 3]
+    assert any("zygote had exited" in e for e in rows[1]["events"]), rows[1].get("events")
+    assert grid.workers[0].restarts == 1
