@@ -146,6 +146,9 @@ class RoundResult:
     delta: Named | None                 # the raw weighted mean update (None in a claimed phase)
     replies: Sequence[ClientUpdate]
     num_clients: int                    # the whole population N
+    #: replies a plugin's ``screen`` refused: no part of the aggregate, but they did reach the server
+    #: (a privacy ledger accounts what they spent)
+    refused: Sequence[ClientUpdate] = ()
 
 
 @dataclass
@@ -210,7 +213,8 @@ class ServerPlugin:
                replies: Sequence["ClientUpdate"]) -> tuple[Any, dict[int, tuple[str, str]]]:
         """Replies to refuse before anything aggregates them: ``(new state, {index in replies: (kind,
         reason)})``. A refused reply is one of the round's rejections (counted under ``kind`` in
-        ``rejected_by_reason``); no plugin, optimizer or ``min_replies`` count sees it. Default: none."""
+        ``rejected_by_reason``): the optimizer and ``min_replies`` never see it, and plugins see it only
+        as ``RoundResult.refused`` (a privacy ledger accounts it). Default: none."""
         return state, {}
 
     def aggregate(self, state: Any, result: RoundResult) -> PluginUpdate:
@@ -361,11 +365,12 @@ class Server:
                 out[k] = out[k] & v if k in out else np.asarray(v, bool)
         return out
 
-    def aggregate(self, state: dict, plan: RoundPlan, params: Named,
-                  replies: Sequence[ClientUpdate]) -> tuple[Named, dict, dict[str, float]]:
+    def aggregate(self, state: dict, plan: RoundPlan, params: Named, replies: Sequence[ClientUpdate],
+                  refused: Sequence[ClientUpdate] = ()) -> tuple[Named, dict, dict[str, float]]:
         """New global arrays, new state and the round's server metrics from the accepted replies.
 
         ``replies`` must be in a canonical order (client id); with no replies nothing changes.
+        ``refused``: the replies :meth:`screen` refused (plugins see them as ``RoundResult.refused``).
         """
         if not replies:
             return params, state, self.metrics(state)
@@ -382,7 +387,8 @@ class Server:
         for p in self.plugins:
             if p.name not in plan.plugins:
                 continue
-            result = RoundResult(plan.server_round, plan.phase, params, new_params, delta, replies, self.num_clients)
+            result = RoundResult(plan.server_round, plan.phase, params, new_params, delta, replies, self.num_clients,
+                                 refused)
             upd = p.aggregate(plugin_states[p.name], result)
             plugin_states[p.name] = upd.state
             if upd.params is not None:
@@ -393,24 +399,25 @@ class Server:
         return new_params, new_state, self.metrics(new_state)
 
     def screen(self, state: dict, plan: RoundPlan, params: Named, replies: Sequence[ClientUpdate]
-               ) -> tuple[dict, list[ClientUpdate], list[tuple[int, str, str]]]:
+               ) -> tuple[dict, list[ClientUpdate], list[tuple[ClientUpdate, str, str]]]:
         """Every taking-part plugin's :meth:`ServerPlugin.screen`, in order (each sees the replies the
-        ones before it kept): ``(new state, kept replies, [(client id, kind, reason)] refused)``."""
+        ones before it kept): ``(new state, kept replies, [(refused reply, reason, kind)])``."""
         plugin_states, kept, refused = dict(state["plugins"]), list(replies), []
         for p in self.plugins:
             if p.name not in plan.plugins:
                 continue
             plugin_states[p.name], out = p.screen(plugin_states[p.name], plan.server_round, params, kept)
-            refused += [(kept[i].cid, kind, reason) for i, (kind, reason) in sorted(out.items())]
+            refused += [(kept[i], reason, kind) for i, (kind, reason) in sorted(out.items())]
             kept = [r for i, r in enumerate(kept) if i not in out]
         return {**state, "plugins": plugin_states}, kept, refused
 
-    def skip(self, state: dict, plan: RoundPlan, params: Named, replies: Sequence[ClientUpdate]) -> tuple[dict, dict]:
+    def skip(self, state: dict, plan: RoundPlan, params: Named, replies: Sequence[ClientUpdate],
+             refused: Sequence[ClientUpdate] = ()) -> tuple[dict, dict]:
         """The state and server metrics after a round that is not aggregated: the model, the optimizer
         and every plugin stay as they were, except what a plugin's :meth:`ServerPlugin.skipped` keeps
         of the ``replies`` that did come (privacy spent)."""
         plugin_states = dict(state["plugins"])
-        result = RoundResult(plan.server_round, plan.phase, params, params, None, replies, self.num_clients)
+        result = RoundResult(plan.server_round, plan.phase, params, params, None, replies, self.num_clients, refused)
         for p in self.plugins:
             if p.name in plan.plugins:
                 plugin_states[p.name] = p.skipped(plugin_states[p.name], result)

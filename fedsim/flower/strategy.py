@@ -177,18 +177,21 @@ class FedsimStrategy(Strategy):
         self.state, updates, refused = self.server.screen(self.state, self._plan, self._params, updates)
         if refused:                         # a plugin's screen (the norm guard): rejections like the checks'
             nbytes = {r.cid: r.nbytes for r in ok}
-            bad += [Rejected(cid, reason, nbytes[cid], kind) for cid, kind, reason in refused]
+            bad += [Rejected(u.cid, reason, nbytes[u.cid], kind) for u, reason, kind in refused]
             kept = {u.cid for u in updates}
             ok = [r for r in ok if r.cid in kept]
+        refused_updates = [u for u, _, _ in refused]
         needed = self.fed.scenario.federation.replies_needed(len(self._exp.node_of))
         skipped = len(ok) < needed          # always with no accepted reply: at least 1 is needed
         if skipped:
-            self.state, server_metrics = self.server.skip(self.state, self._plan, self._params, updates)
+            self.state, server_metrics = self.server.skip(self.state, self._plan, self._params, updates,
+                                                          refused_updates)
             server_metrics = {**server_metrics, "skipped": True,
                               "skip_reason": f"{len(ok)} of {len(self._exp.node_of)} replies accepted, fewer than "
                                              f"federation.min_replies ({needed}): the round is not aggregated"}
         else:
-            new, self.state, server_metrics = self.server.aggregate(self.state, self._plan, self._params, updates)
+            new, self.state, server_metrics = self.server.aggregate(self.state, self._plan, self._params, updates,
+                                                                    refused_updates)
         spec = self._plan.model_spec
         saved = sum(int(np.prod(spec[k].shape) - np.prod(spec[k].wire_shape)) * spec[k].dtype.itemsize
                     for k in spec if spec[k].kept is not None)

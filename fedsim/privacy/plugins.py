@@ -322,7 +322,7 @@ class LedgerMirror(ServerPlugin):
 
     def aggregate(self, state: dict, result: RoundResult) -> PluginUpdate:
         clients = dict(state["clients"])
-        for r in result.replies:
+        for r in [*result.replies, *result.refused]:      # a refused reply was released to the server too
             m = r.metrics
             if not {"dp_noise_multiplier", "dp_sample_rate", "dp_steps_total"} <= set(m):
                 continue

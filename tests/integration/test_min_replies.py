@@ -92,3 +92,23 @@ def test_a_skipped_round_still_accounts_the_privacy_its_replies_spent(tmp_path, 
     skipped, kept = (json.loads((tmp_path / d / "privacy.json").read_text())["clients"] for d in ("skipped", "kept"))
     assert read_metrics(tmp_path / "skipped")[1]["skipped"] is True
     assert skipped == kept and len(kept) >= 3
+
+
+def test_replies_the_norm_guard_refuses_still_count_for_privacy(tmp_path, tiny_yaml):
+    """Sample-level DP with a norm guard so tight that it refuses every reply: no round is
+    aggregated, but each refused reply was trained and released, so privacy.json must equal that
+    of a run without the guard. Catches a screen that hides refused replies from the ledger
+    (ε under-reported, and never caught up for a client that is always refused)."""
+    from fedsim.engine import run_scenario
+
+    dp = tiny_yaml.replace("rounds: 3", "rounds: 2") + "privacy: {noise_multiplier: 1.0, clip: 1.0}\n" \
+        "engine: {kind: inprocess}\n"
+    guarded = dp.replace("federation:", "strategy: {name: fedavg, max_update_norm: 1.0e-9}\nfederation:")
+    with pytest.raises(RunError, match="no client reply was accepted in any round"):   # said, after the files
+        run_scenario(parse_scenario(guarded), tmp_path / "guarded", progress="none")
+    run_scenario(parse_scenario(dp), tmp_path / "open", progress="none")
+    rows = read_metrics(tmp_path / "guarded")
+    assert all(r["skipped"] and r["rejected_by_reason"] == {"update_norm": 3} for r in rows)
+    guarded_eps, open_eps = (json.loads((tmp_path / d / "privacy.json").read_text())["clients"]
+                             for d in ("guarded", "open"))
+    assert guarded_eps == open_eps and len(open_eps) >= 3

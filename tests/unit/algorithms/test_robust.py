@@ -199,7 +199,10 @@ def test_refused_replies_reach_no_other_plugin_and_carry_kind_and_reason():
     state, kept, refused = server.screen(state, plan, X, _replies([1.0, 1e30, 3.0]))
     server.aggregate(state, plan, X, kept)
     assert Recorder.seen == [0, 2]
-    assert refused == [(1, "update_norm", "update norm 1.732e+30 exceeds strategy.max_update_norm (5.3)")]
+    assert [(u.cid, reason, kind) for u, reason, kind in refused] == [
+        (1, "update norm 1.732e+30 exceeds strategy.max_update_norm (5.3)", "update_norm")]
+    from fedsim.flower.replies import reason_kind
+    assert reason_kind(refused[0][1]) == "update_norm"      # metrics.jsonl readers recover the kind from the text
 
 
 def test_a_round_whose_every_update_is_too_big_keeps_the_model():
