@@ -38,7 +38,7 @@ class Federation:
         """``dataset``: the scenario's data set as another process loaded it (else it is loaded here)."""
         self.scenario = scenario
         data = scenario.data
-        self.dataset: Dataset = dataset or load_dataset(data.dataset, root=data.root, cache_dir=data.cache_dir,
+        self.dataset: Dataset = dataset if dataset is not None else load_dataset(data.dataset, root=data.root, cache_dir=data.cache_dir,
                                                         test_fraction=data.test_fraction, seed=scenario.seed,
                                                         **data.options)
         params = data.partition.model_dump(exclude={"kind", "num_clients"})
@@ -89,7 +89,9 @@ class Federation:
         except (ValueError, TypeError) as exc:
             raise ScenarioError(where, [f"model.name: '{name}' cannot be built for data set '{ds.name}' (input shape "
                                         f"{tuple(ds.input_shape)}, {ds.num_classes} classes): {exc}"]) from None
-        except (MemoryError, RuntimeError) as exc:       # torch's allocator: "can't allocate memory"
+        except (MemoryError, RuntimeError) as exc:
+            if isinstance(exc, RuntimeError) and "allocate" not in str(exc):    # torch's "can't allocate memory"
+                raise
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise ScenarioError(where, [f"model.options: the '{name}' model cannot be allocated here ({first}); "
                                         "choose smaller model.options"]) from None
@@ -185,11 +187,6 @@ class Federation:
 
 
 _CACHE: "OrderedDict[str, Federation]" = OrderedDict()
-
-
-def cached_federation(scenario: Scenario) -> Federation | None:
-    """The federation :func:`get_federation` holds for ``scenario`` in this process, if any."""
-    return _CACHE.get(config_sha256(scenario))
 
 
 def get_federation(scenario: Scenario, dataset: Dataset | None = None) -> Federation:

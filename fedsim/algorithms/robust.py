@@ -317,10 +317,10 @@ class RobustAggregation(ServerPlugin):
         if result.delta is None:
             return PluginUpdate(state)
         fallback = int(self._rule(len(result.replies)) != self.rule)
-        return PluginUpdate({**state, **({"krum_fallback": fallback} if self.rule == "krum" else {})})
+        return PluginUpdate(self._counts(state.get("update_norm_rejected", 0), fallback))
 
     def skipped(self, state: Any, result: RoundResult) -> Any:
-        return {**state, **({"krum_fallback": 0} if self.rule == "krum" else {})}
+        return self._counts(state.get("update_norm_rejected", 0), 0)
 
     def metrics(self, state: Any) -> dict[str, float]:
         return dict(state)

@@ -36,6 +36,12 @@ SERVICE = "fedsim.Worker"
 GRPC_OPTIONS = [("grpc.max_send_message_length", 1 << 30), ("grpc.max_receive_message_length", 1 << 30)]
 
 
+#: The zygote's environment: numeric libraries with one thread (nothing but its main thread is
+#: alive when it forks), and a CUDA check that cannot initialise CUDA in it.
+ZYGOTE_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+              "PYTORCH_NVML_BASED_CUDA_CHECK": "1"}
+
+
 class WorkerStartError(RunError):
     """A worker did not come up in time, or exited while starting."""
 
@@ -49,6 +55,7 @@ class WorkerProcess:
         self.port = 0
         self.restarts = 0
         self.returncode: int | None = None          # negative: killed by that signal
+        self.failure = ""                            # why the zygote could not fork it
         self.listening = threading.Event()
         self.exited = threading.Event()
 
@@ -64,6 +71,8 @@ class WorkerProcess:
         """``exit code N`` (negative: killed by that signal), or why the code is unknown."""
         if self.returncode is not None:
             return f"exit code {self.returncode}"
+        if self.failure:
+            return f"it could not be forked: {self.failure}"
         return "its zygote died, and with it its exit code"
 
     def wait(self, timeout_s: float) -> bool:
@@ -85,13 +94,13 @@ class Zygote:
 
     def __init__(self, log_dir: Path, env: dict[str, str]):
         self.log_path = log_dir / "zygote.log"
-        self.env = env
+        self.env = {**env, **ZYGOTE_ENV}
         self.proc: subprocess.Popen | None = None
         self.ready = threading.Event()
         self.gone = threading.Event()                # its stdout closed: it exited
         self.errors: list[str] = []
         self._by_pid: dict[int, WorkerProcess] = {}
-        self._forking: list[WorkerProcess] = []      # fork requests not yet answered, in order
+        self._forking: dict[int, WorkerProcess] = {}  # worker index -> its fork request, not yet answered
         self._early: dict[int, list[dict]] = {}      # events of a pid whose "forked" has not come yet
         self._lock = threading.Lock()
 
@@ -123,30 +132,37 @@ class Zygote:
             if self.gone.is_set():
                 w.exited.set()
                 return w
-            self._forking.append(w)
+            self._forking[index] = w
         self.send({"op": "fork", "index": index, "log": str(w.log_path),
                    "env": {**worker_env(device), **env, "FEDSIM_WORKER_INDEX": str(index)}})
         return w
 
     def _read(self) -> None:
-        for line in self.proc.stdout:                # type: ignore[union-attr]
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
+        try:
+            for line in self.proc.stdout:            # type: ignore[union-attr]
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    continue
+                with self._lock:
+                    self._on(event)
+        finally:                                     # EOF: the zygote and every worker it forked are gone
+            self.proc.stdout.close()                 # type: ignore[union-attr]
             with self._lock:
-                self._on(event)
-        with self._lock:
-            self.gone.set()
-            for w in [*self._by_pid.values(), *self._forking]:
-                w.exited.set()                       # workers exit by themselves once the zygote is gone
+                self.gone.set()
+                for w in [*self._by_pid.values(), *self._forking.values()]:
+                    w.exited.set()                   # workers exit by themselves once the zygote is gone
 
     def _on(self, event: dict) -> None:
         kind = event.get("event")
         if kind == "ready":
             self.ready.set()
-        elif kind == "forked" and self._forking:
-            w = self._forking.pop(0)
+        elif kind == "fork_failed" and event.get("index") in self._forking:
+            w = self._forking.pop(event["index"])
+            w.failure = str(event.get("message"))
+            w.exited.set()
+        elif kind == "forked" and event.get("index") in self._forking:
+            w = self._forking.pop(event["index"])
             w.pid = int(event["pid"])
             self._by_pid[w.pid] = w
             for early in self._early.pop(w.pid, []):  # a worker can write its port before the zygote says it forked
@@ -167,9 +183,9 @@ class Zygote:
     def log_tail(self, lines: int = 15) -> str:
         return _tail(self.log_path, lines)
 
-    def close(self, grace_s: float = 5.0) -> None:
-        """Close its stdin (it stops any worker left, then exits), wait for it, and reap it (SIGTERM,
-        then SIGKILL, if it does not exit by itself)."""
+    def close(self) -> None:
+        """Close its stdin (it stops any worker left, then exits) and reap it; SIGTERM, then
+        SIGKILL, only if it has not exited a second after its own grace period."""
         if self.proc is None:
             return
         try:
@@ -179,11 +195,7 @@ class Zygote:
         try:
             self.proc.wait(timeout=ZYGOTE_GRACE_S + 1.0)
         except subprocess.TimeoutExpired:
-            pass
-        stop_processes([self.proc], grace_s)
-        self.gone.wait(grace_s)
-        if self.proc.stdout:
-            self.proc.stdout.close()
+            stop_processes([self.proc], grace_s=2.0)
 
 
 def wait_ready(workers: list[WorkerProcess], timeout_s: float) -> None:
@@ -197,7 +209,7 @@ def wait_ready(workers: list[WorkerProcess], timeout_s: float) -> None:
         if w.zygote.gone.is_set() and not w.pid:
             raise WorkerStartError(f"the zygote that forks the client workers exited; its log ({w.zygote.log_path})"
                                    f":\n{w.zygote.log_tail()}")
-        state = f"exited (exit code {w.returncode})" if not w.alive() else f"did not start within {timeout_s:.0f} s"
+        state = f"ended ({w.how_it_ended})" if not w.alive() else f"did not start within {timeout_s:.0f} s"
         raise WorkerStartError(f"client worker {w.index} ({w.device}) {state}; its log ({w.log_path}):\n"
                                f"{w.log_tail()}")
 

@@ -1,6 +1,6 @@
 """A persistent client worker: a gRPC server on 127.0.0.1 that runs the ClientApp for its nodes.
 
-Forked by ``fedsim.engine.pool`` (its fork server) and run by :func:`serve`. It serves fedsim's
+Forked by the run's zygote (:mod:`fedsim.engine.zygote`) and run by :func:`serve`. It serves fedsim's
 ClientApp (``clients.app:app``) and nothing else. It keeps the
 model code, data and (on a GPU) the CUDA context warm across rounds, serves many
 virtual clients one message at a time, and keeps each node's ``context.state`` in a
@@ -126,7 +126,7 @@ def _watch_parent(parent_pid: int, server: grpc.Server) -> None:
             return
 
 
-def serve(index: int, env: dict[str, str], log_path: str, report_fd: int) -> None:
+def serve(index: int, env: dict[str, str], log_path: str, report_fd: int, zygote_pid: int) -> None:
     """A forked worker's life: serve until SIGTERM or until the zygote that forked it disappears.
 
     Runs in the child of :meth:`fedsim.engine.zygote.Zygote.fork`; its port goes to the server as
@@ -154,7 +154,7 @@ def serve(index: int, env: dict[str, str], log_path: str, report_fd: int) -> Non
     # to flush, and a grace period or the interpreter's teardown of torch only delays the run's exit.
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # the server process decides when workers stop
-    threading.Thread(target=_watch_parent, args=(os.getppid(), server), daemon=True).start()
+    threading.Thread(target=_watch_parent, args=(zygote_pid, server), daemon=True).start()   # gone already: 1 s
     report_line(report_fd, {"event": "port", "index": index, "pid": os.getpid(), "port": port})
     os.close(report_fd)
     server.wait_for_termination()

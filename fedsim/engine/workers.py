@@ -22,6 +22,7 @@ from pathlib import Path
 
 import grpc
 
+from fedsim.data import Dataset
 from fedsim.engine.grid import NODE_ID_BASE, LocalGrid
 from fedsim.engine.pool import (GRPC_OPTIONS, SERVICE, TOKEN_ENV, TOKEN_HEADER, WorkerProcess, WorkerStartError,
                                 Zygote, stop_workers, wait_ready)
@@ -62,21 +63,22 @@ class WorkerGrid(LocalGrid):
         self.zygote.start()
         return self
 
-    def connect(self) -> "WorkerGrid":
-        """Fork the workers, wait until each listens and send it the run config.
+    def connect(self, dataset: Dataset | None = None) -> "WorkerGrid":
+        """Fork the workers, wait until each listens and send it the run config. ``dataset``: the
+        run's data set as this process loaded it, handed to the zygote (else it loads it itself).
 
         On any failure (or Ctrl-C) every worker started so far is stopped before the error propagates.
         """
         try:
             with tempfile.TemporaryDirectory(prefix="fedsim-data-") as tmp:
-                dataset_path = self._hand_over_dataset(Path(tmp))
+                dataset_path = self._hand_over_dataset(Path(tmp), dataset)
                 self.zygote.warm(self.run_config, dataset_path)   # data and partition: once, for every worker
                 for i, dev in enumerate(self.devices):
                     self.workers.append(self._fork(i, dev))
                     self.channels.append(None)
                 wait_ready(self.workers, self.start_timeout_s)     # the zygote has read the data set by now
-            self._events += [f"the workers' zygote reported: {e} (see {self.zygote.log_path}); each worker "
-                             "loads what it lacks itself" for e in self.zygote.errors]
+            self._events += [f"the workers' zygote reported: {e} (see {self.zygote.log_path}); the workers "
+                             "started, and each loads what it lacks itself" for e in self.zygote.errors]
             list(self._pool.map(self._connect, range(len(self.workers))))   # configured in parallel
         except BaseException:
             self.close()
@@ -115,18 +117,14 @@ class WorkerGrid(LocalGrid):
         self._events.append(f"worker {i} ({old.device}) {why}: restarted in {time.perf_counter() - t0:.1f}s "
                             f"(restart {new.restarts} of {MAX_RESTARTS}); its clients are served again")
 
-    def _hand_over_dataset(self, tmp: Path) -> Path | None:
-        """The data set this process has loaded, written for the zygote (which then need not load it
-        itself: for scikit-learn's sets that is importing scikit-learn, half a second); None if this
-        process has not loaded it."""
-        from fedsim.data import save_dataset
-        from fedsim.federation import cached_federation
-        from fedsim.flower.codec import scenario_from_config
-
-        fed = cached_federation(scenario_from_config(self.run_config))
-        if fed is None:
+    def _hand_over_dataset(self, tmp: Path, dataset: Dataset | None) -> Path | None:
+        """``dataset`` written for the zygote, which then need not load it itself (for scikit-learn's
+        sets that is importing scikit-learn, half a second); None without one."""
+        if dataset is None:
             return None
-        save_dataset(fed.dataset, tmp / "dataset.npz")
+        from fedsim.data import save_dataset
+
+        save_dataset(dataset, tmp / "dataset.npz")
         return tmp / "dataset.npz"
 
     def _fork(self, i: int, device: str) -> WorkerProcess:
@@ -244,7 +242,7 @@ def run(scenario: Scenario, out_dir: Path, *, progress: str = "auto", resume: bo
         say(f"loaded {scenario.data.dataset} ({len(fed.dataset.y_train)} train, {len(fed.dataset.y_test)} test "
             f"examples) in {format_duration(time.perf_counter() - loading)}; forking the workers ...")
         grid.num_nodes = fed.num_clients
-        grid.connect()
+        grid.connect(fed.dataset)
         say(f"{len(devices)} worker(s) ready in {format_duration(time.perf_counter() - started)}")
         run_server_app(server_app, grid, grid.run_config)
     finally:

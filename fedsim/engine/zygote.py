@@ -12,8 +12,11 @@ module, so a user's script that calls ``run_scenario`` without an ``if __name__ 
 guard would run itself again in every worker.
 
 The zygote never touches CUDA, so a GPU worker creates its own CUDA context after the fork (it
-is given its ``CUDA_VISIBLE_DEVICES`` before torch initialises CUDA). It runs no thread, so the
-fork copies no lock held by another thread.
+is given its ``CUDA_VISIBLE_DEVICES`` before torch initialises CUDA; the zygote's environment
+has ``PYTORCH_NVML_BASED_CUDA_CHECK=1``, so even a ``torch.cuda.is_available()`` on the way
+would not initialise CUDA). It runs no Python thread, and its environment keeps OpenBLAS, OpenMP
+and MKL to one thread each (each worker trains with one thread anyway), so the fork copies no
+lock another thread holds.
 
 Protocol: JSON lines, never pickle. On stdin, from the server:
 
@@ -26,8 +29,10 @@ Protocol: JSON lines, never pickle. On stdin, from the server:
   (so a pid is never signalled after it may have been reused).
 
 On stdout, to the server: ``{"event": "forked", "index", "pid"}``, ``{"event": "port", "index",
-"pid", "port"}`` (written by the worker itself once it listens) and ``{"event": "exit", "index",
-"pid", "code"}`` (the exit code, negative for a signal, as :mod:`subprocess` reports it).
+"pid", "port"}`` (written by the worker itself once it listens), ``{"event": "exit", "index",
+"pid", "code"}`` (the exit code, negative for a signal, as :mod:`subprocess` reports it),
+``{"event": "fork_failed", "index", "message"}`` and ``{"event": "error", "message"}`` (a
+command that failed; the zygote goes on).
 
 When stdin closes (the server stopped it or died), the zygote stops every worker still running
 (SIGTERM, SIGKILL after :data:`GRACE_S`) and exits.
@@ -67,7 +72,11 @@ class Zygote:
             print(f"zygote (pid {os.getpid()}): data set {how}, partitioned, warm in "
                   f"{time.perf_counter() - started:.2f}s", file=sys.stderr, flush=True)
         elif op == "fork":
-            self.fork(int(cmd["index"]), dict(cmd["env"]), str(cmd["log"]))
+            index = int(cmd["index"])
+            try:
+                self.fork(index, dict(cmd["env"]), str(cmd["log"]))
+            except OSError as exc:                    # EAGAIN, ENOMEM: that worker does not start
+                self.report(event="fork_failed", index=index, message=f"{type(exc).__name__}: {exc}")
         elif op == "signal":
             pid = int(cmd["pid"])
             if pid in self.children:
@@ -78,12 +87,13 @@ class Zygote:
     def fork(self, index: int, env: dict[str, str], log: str) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
+        zygote_pid = os.getpid()
         pid = os.fork()
         if pid == 0:                                  # the worker: never returns into the zygote's loop
             code = 1
             try:
                 from fedsim.engine.worker import serve
-                serve(index, env, log, self.report_fd)
+                serve(index, env, log, self.report_fd, zygote_pid)
                 code = 0
             except BaseException:                     # noqa: BLE001 - reported in the worker's log
                 traceback.print_exc()

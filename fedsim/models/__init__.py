@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 import importlib
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from fedsim.models.options import OPTIONS
@@ -19,7 +20,8 @@ from fedsim.models.options import OPTIONS
 if TYPE_CHECKING:
     from torch import nn
 
-_CLASSES = {"mlp": "MLP", "cnn": "CNN", "char_lstm": "CharLSTM"}
+_CLASSES = {"mlp": "MLP", "cnn": "CNN", "char_lstm": "CharLSTM"}      # model.name -> class in fedsim.models.nets
+assert set(_CLASSES) == set(OPTIONS), "every model needs an entry in OPTIONS and in _CLASSES"
 
 
 def model_names() -> list[str]:
@@ -47,9 +49,10 @@ def _nets() -> dict[str, Any]:
 
 
 def __getattr__(name: str) -> Any:
-    """``MODELS`` and the model classes, imported (with torch) on first use."""
+    """``MODELS`` (read-only: ``model.name`` -> class) and the model classes, imported (with torch)
+    on first use."""
     if name == "MODELS":
-        return {key: _nets()[cls] for key, cls in _CLASSES.items()}
+        return MappingProxyType({key: _nets()[cls] for key, cls in _CLASSES.items()})
     if name in _CLASSES.values():
         return _nets()[name]
     raise AttributeError(f"module 'fedsim.models' has no attribute {name!r}")

@@ -130,6 +130,9 @@ def test_worker_refuses_callers_without_the_run_token(tmp_path):
     w = zygote.fork(0, "cpu", {TOKEN_ENV: "s3cret"})
     try:
         wait_ready([w], 120)
+        # a fork copies no lock another thread holds: the zygote has no thread but its main one
+        # (catches numeric libraries' thread pools left on, and a zygote that starts threads)
+        assert len(os.listdir(f"/proc/{zygote.proc.pid}/task")) == 1
         with grpc.insecure_channel(w.address) as ch:
             call = ch.unary_unary(f"/{SERVICE}/Configure")
             for metadata in ((), ((TOKEN_HEADER, "wrong"),)):
@@ -186,7 +189,7 @@ def test_no_worker_or_zygote_outlives_a_killed_server(tmp_path, tiny_yaml):
 class BadHandOver(WorkerGrid):
     """Hands the zygote a file that is not a data set."""
 
-    def _hand_over_dataset(self, tmp):
+    def _hand_over_dataset(self, tmp, dataset):
         (tmp / "dataset.npz").write_bytes(b"not an npz")
         return tmp / "dataset.npz"
 
