@@ -96,7 +96,6 @@ class Zygote:
         self.log_path = log_dir / "zygote.log"
         self.env = {**env, **ZYGOTE_ENV}
         self.proc: subprocess.Popen | None = None
-        self.ready = threading.Event()
         self.gone = threading.Event()                # its stdout closed: it exited
         self.errors: list[str] = []
         self._by_pid: dict[int, WorkerProcess] = {}
@@ -155,9 +154,7 @@ class Zygote:
 
     def _on(self, event: dict) -> None:
         kind = event.get("event")
-        if kind == "ready":
-            self.ready.set()
-        elif kind == "fork_failed" and event.get("index") in self._forking:
+        if kind == "fork_failed" and event.get("index") in self._forking:
             w = self._forking.pop(event["index"])
             w.failure = str(event.get("message"))
             w.exited.set()

@@ -162,7 +162,6 @@ def main() -> int:
     os.dup2(2, 1)
     zygote = Zygote(report_fd)
     _preload()
-    zygote.report(event="ready", pid=os.getpid())
     buffer = b""
     while True:
         ready, _, _ = select.select([0], [], [], 0.05)
