@@ -38,9 +38,10 @@ class Federation:
         """``dataset``: the scenario's data set as another process loaded it (else it is loaded here)."""
         self.scenario = scenario
         data = scenario.data
-        self.dataset: Dataset = dataset if dataset is not None else load_dataset(data.dataset, root=data.root, cache_dir=data.cache_dir,
-                                                        test_fraction=data.test_fraction, seed=scenario.seed,
-                                                        **data.options)
+        if dataset is None:
+            dataset = load_dataset(data.dataset, root=data.root, cache_dir=data.cache_dir,
+                                   test_fraction=data.test_fraction, seed=scenario.seed, **data.options)
+        self.dataset: Dataset = dataset
         params = data.partition.model_dump(exclude={"kind", "num_clients"})
         try:
             self.partition = make_partition(data.partition.kind, labels=self.dataset.y_train,
